@@ -1,0 +1,8 @@
+import os
+import sys
+
+# Tests import the top-level scripts (world_model_env, train_world_model, ...) and tests/seed_toy.py.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
