@@ -479,3 +479,22 @@ def test_async_vector_env_spawn_matches_sync():
     finally:
         async_envs.close()
         sync_envs.close()
+
+
+@pytest.mark.parametrize("output", ["numpy", "torch"])
+def test_batched_observations_are_owned_by_the_caller(output):
+    def reset_fn(model, seed=None, options=None):
+        out = torch_reset(model, seed)
+        return {"state": out["state"], "observation": out["state"]}  # the state itself as the observation
+
+    def transition_fn(model, state, action):
+        out = torch_transition(model, state, action)
+        return {**out, "observation": out["state"]}
+
+    vec = batched(3, reset_fn=reset_fn, transition_fn=transition_fn, action_transform_fn=None, output=output)
+    obs, _ = vec.reset(seed=0)
+    obs[:] = 123.0  # a caller writing into the observation (TorchRL does) ...
+    assert not (vec.state == 123.0).any()  # ... must not rewrite the model state
+    obs, *_ = vec.step(np.zeros(3, dtype=np.int64))
+    obs[:] = 123.0
+    assert not (vec.state == 123.0).any()
