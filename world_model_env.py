@@ -573,6 +573,8 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         terminated = self._as_flags(out["terminated"], "terminated")
         truncated = self._as_flags(out["truncated"], "truncated") if "truncated" in out else self._zeros_bool()
         info = _check_info(self._owner, "transition_fn", out.get("info"))
+        if info and not self._torch_out:  # numpy output means numpy everywhere, infos included
+            info = {k: _to_numpy(v) if _is_tensor(v) else v for k, v in info.items()}
         if _leading_dim(state) != n:
             raise AdapterError(
                 f"{self._owner}: transition_fn returned a state with leading dimension {_leading_dim(state)}, expected {n}."

@@ -498,3 +498,14 @@ def test_batched_observations_are_owned_by_the_caller(output):
     obs, *_ = vec.step(np.zeros(3, dtype=np.int64))
     obs[:] = 123.0
     assert not (vec.state == 123.0).any()
+
+
+def test_batched_numpy_output_converts_tensor_infos():
+    def transition_fn(model, state, action):
+        out = torch_transition(model, state, action)
+        return {**out, "info": {"disagreement": torch.zeros(len(state))}}
+
+    vec = batched(3, reset_fn=torch_reset, transition_fn=transition_fn, action_transform_fn=None)
+    vec.reset(seed=0)
+    *_, info = vec.step(np.zeros(3, dtype=np.int64))
+    assert isinstance(info["disagreement"], np.ndarray) and info["disagreement"].shape == (3,)
