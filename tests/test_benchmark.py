@@ -1,0 +1,87 @@
+"""Smoke test of benchmark.py: it runs end to end with tiny settings and writes the headline ratios.
+
+Not a timed test: the numbers are only checked to be positive and finite, never against the targets.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import benchmark  # noqa: E402
+
+HEADLINE_KEYS = ("batched_vs_raw_256", "batched_vs_sync_256", "single_vs_raw_toy")
+
+
+def test_benchmark_cli_writes_headline_json(tmp_path):
+    out = tmp_path / "bench.json"
+    # Tiny settings: one short measurement per variant; Async only at N=1 (one spawned worker).
+    cmd = [sys.executable, "benchmark.py", "--quick", "--sizes", "1", "256", "--repeats", "1", "--min-time", "0.01",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    for key in HEADLINE_KEYS:
+        value = data[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    for n in ("1", "256"):
+        for variant in ("raw", "vec_numpy", "vec_torch", "sync"):
+            rate = data["steps_per_second"][n][variant]
+            assert isinstance(rate, float) and math.isfinite(rate) and rate > 0, (n, variant, rate)
+    assert data["steps_per_second"]["1"]["async"] > 0
+    assert data["steps_per_second"]["256"]["async"].startswith("n/a")
+    # the markdown table and the verdict lines are printed
+    assert "| N | raw model calls |" in proc.stdout
+    for key in HEADLINE_KEYS:
+        assert key in proc.stdout
+
+
+def test_bad_settings_are_clear_errors():
+    for field, value, message in (
+        ("sizes", (0, 16), "--sizes expected one or more env counts >= 1, got (0, 16)"),
+        ("repeats", 0, "--repeats expected an integer >= 1, got 0"),
+        ("sync_max_envs", 16, "--sync-max-envs expected >= 256"),
+    ):
+        try:
+            benchmark.check_args(benchmark.Args(**{field: value}))
+        except SystemExit as err:
+            assert message in str(err), str(err)
+        else:
+            raise AssertionError(f"--{field} {value} was accepted")
+
+
+def test_mlp_adapters_batched_match_single():
+    """The unbatched adapters (Sync/Async) and batched ones (WorldModelVectorEnv) compute the same dynamics."""
+    model = benchmark.MLPWorldModel(seed=3)
+    seeds = np.array([5, 6, 7], dtype=np.int64)
+    batch = benchmark.mlp_reset_batched(model, seed=seeds)
+    actions = np.array([0, 1, 1])
+    out = benchmark.mlp_transition_batched(model, batch["state"], benchmark.mlp_action_transform_batched(model, actions))
+    for i, s in enumerate(seeds):
+        single = benchmark.mlp_reset_single(model, seed=int(s))
+        np.testing.assert_array_equal(single["observation"], batch["observation"][i].numpy())
+        step = benchmark.mlp_transition_single(model, single["state"],
+                                               benchmark.mlp_action_transform_single(model, actions[i]))
+        np.testing.assert_allclose(step["observation"], out["observation"][i].numpy(), rtol=1e-5, atol=1e-6)
+        assert step["terminated"] == bool(out["terminated"][i])
+        assert abs(step["reward"] - float(out["reward"][i])) < 1e-5
+    # deterministic weights, and the caller's torch RNG is left alone
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    again = benchmark.MLPWorldModel(seed=3)
+    assert torch.equal(torch.rand(1), expected)
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_mlp_episodes_end_by_termination_and_time_limit():
+    stats = benchmark.episode_stats(benchmark.MLPWorldModel(), max_episode_steps=100, seed=0, n=16, steps=200)
+    assert stats["terminations"] > 0 and stats["truncations"] > 0
