@@ -230,8 +230,10 @@ class WorldModelEnv(gym.Env):
         return self._elapsed
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        if seed is None and self._init_seed is not None:
-            seed, self._init_seed = self._init_seed, None
+        # The constructor seed only stands in for the first reset; an explicit seed replaces it for good.
+        if seed is None:
+            seed = self._init_seed
+        self._init_seed = None
         super().reset(seed=seed)
         model_seed = seed if seed is not None else _draw_seed(self.np_random)
         out = self.reset_fn(self.model, seed=model_seed, options=options)
@@ -517,8 +519,9 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         return self._steps
 
     def reset(self, *, seed: int | list | None = None, options: dict | None = None):
-        if seed is None and self._init_seed is not None:
-            seed, self._init_seed = self._init_seed, None
+        if seed is None:
+            seed = self._init_seed
+        self._init_seed = None
         n = self.num_envs
         if seed is not None:
             if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):

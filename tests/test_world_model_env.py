@@ -275,9 +275,10 @@ def test_signature_checked_once_not_per_step(monkeypatch):
 
 def run_pair(mode, steps=80, num_envs=5, seed=3):
     """Step SyncVectorEnv of single envs and the batched env with the same actions; collect everything."""
-    sync = gym.vector.SyncVectorEnv([make_env(seed=None, max_episode_steps=25) for _ in range(num_envs)],
+    # constructor seeds (the seed's make_env pattern) must not leak into later autoresets
+    sync = gym.vector.SyncVectorEnv([make_env(seed=100 + i, max_episode_steps=25) for i in range(num_envs)],
                                     autoreset_mode=mode)
-    vec = batched(num_envs, autoreset_mode=mode)
+    vec = batched(num_envs, autoreset_mode=mode, seed=200)
     assert vec.metadata["autoreset_mode"] == mode
     rng = np.random.default_rng(0)
     out_s, out_v = [sync.reset(seed=seed)], [vec.reset(seed=seed)]
