@@ -35,6 +35,7 @@ from torch.distributions.categorical import Categorical
 # The sibling modules live next to this file; make them importable when the script is run from elsewhere and in
 # spawned vector-env workers (spawn copies sys.path to the children).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_world_model as twm  # noqa: E402
 
 
 @dataclass
@@ -56,7 +57,9 @@ class Args:
     world_model: Literal["learned", "none"] = "learned"
     """`learned`: train PPO inside a world model; `none`: model-free baseline, PPO in the real env"""
     world_model_path: Optional[str] = None
-    """checkpoint from train_world_model.py; if omitted (and --world-model learned) one is trained first"""
+    """checkpoint from train_world_model.py; if omitted (and --world-model learned) one is trained first. Dyna refits
+    start from the real transitions stored in the checkpoint (when it carries them; older ones do not, and then the
+    refits see only this run's new real data)"""
     vector_mode: Literal["batched", "sync", "async"] = "batched"
     """batched: WorldModelVectorEnv (one model call per step); sync/async: Sync/AsyncVectorEnv of make_env thunks"""
     autoreset_mode: Literal["next_step", "same_step"] = "next_step"
@@ -434,9 +437,7 @@ def save_agent(path: str, agent: Agent, args: Args, world_model_path: Optional[s
         "args": vars(args),
         **(extra or {}),
     }
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    twm.save_torch_atomic(path, payload)
 
 
 def load_agent(path: str, device="cpu"):
@@ -454,13 +455,6 @@ def load_agent(path: str, device="cpu"):
     agent.load_state_dict(payload["state_dict"])
     agent.eval()
     return agent, payload
-
-
-def write_json_atomic(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def evaluate_real(agent: Agent, env_id: str, num_episodes: int, seed: int, device):
@@ -503,14 +497,6 @@ def eval_seed_base(seed: int, index: int, episodes: int) -> int:
     """First episode seed of evaluation `index` (0: the final one): disjoint seed ranges for every evaluation and
     far away from the seeds used for training and data collection."""
     return 1_000_000 + seed * 100_000 + index * episodes
-
-
-def checkpoint_real_steps(model) -> int:
-    """Real transitions a loaded world model was fitted on (train_world_model.py records them in its summary,
-    this script in extra["real_env_steps"]); 0 when the checkpoint does not say."""
-    extra = getattr(model, "extra", None) or {}
-    steps = extra.get("real_env_steps", (extra.get("summary") or {}).get("real_env_steps", 0))
-    return int(steps or 0)
 
 
 def eval_only(args: Args):
@@ -583,8 +569,6 @@ if __name__ == "__main__":
         wm_fit_kwargs["max_epochs"] = args.world_model_epochs
 
     if use_model:
-        import train_world_model as twm
-
         if args.world_model_path is not None:
             world_model_path = os.path.abspath(args.world_model_path)
             try:
@@ -592,8 +576,10 @@ if __name__ == "__main__":
             except (OSError, ValueError) as e:  # train_world_model.py's messages already say what to do
                 fail("--world-model-path", f"a world-model checkpoint for {args.env_id}", args.world_model_path, str(e))
             # the real data behind a given checkpoint counts as real steps used for learning
-            real_env_steps += checkpoint_real_steps(model)
-            # the checkpoint does not carry its training data: Dyna refits use the data collected in this run
+            real_env_steps += twm.checkpoint_real_steps(model)
+            # Dyna refits extend the checkpoint's own real transitions (already counted above) with this run's new
+            # data, so they keep the original data and its normalisation; None for a checkpoint without them
+            buffer = model.buffer
         else:
             print(f"[ppo] collecting {args.initial_real_steps} random real transitions and fitting a world model")
             t0 = time.time()
@@ -607,7 +593,7 @@ if __name__ == "__main__":
                 if isinstance(v, (int, float)):
                     writer.add_scalar(f"world_model/{k}", v, 0)
             world_model_path = os.path.abspath(os.path.join(run_dir, "world_model.pt"))
-            twm.save_world_model(model, world_model_path, extra={"real_env_steps": real_env_steps})
+            twm.save_world_model(model, world_model_path, extra={"real_env_steps": real_env_steps}, buffer=buffer)
         if hasattr(model, "start_from"):
             model.start_from = args.imagined_start
         check_spaces(model.observation_space, model.action_space, "the world model")
@@ -738,9 +724,10 @@ if __name__ == "__main__":
                     writer.add_scalar(f"world_model/{k}", v, global_step)
             # the refitted model belongs to this run: save it so sync/async workers (and reloads) use it
             world_model_path = os.path.abspath(os.path.join(run_dir, "world_model.pt"))
-            twm.save_world_model(model, world_model_path, extra={"real_env_steps": real_env_steps})
+            twm.save_world_model(model, world_model_path, extra={"real_env_steps": real_env_steps}, buffer=buffer)
             print(f"[ppo] dyna round {dyna_rounds}/{args.real_iterations}: +{len(new)} real steps (total "
-                  f"{real_env_steps}), world model refitted in {metrics.get('seconds', float('nan')):.1f}s", flush=True)
+                  f"{real_env_steps}), world model refitted on {len(buffer)} transitions in "
+                  f"{metrics.get('seconds', float('nan')):.1f}s", flush=True)
             envs.close()
             envs = build_envs(args.seed + 7919 * dyna_rounds)
             collector = RolloutCollector(envs, agent, device, args.gamma, args.gae_lambda,
@@ -789,7 +776,7 @@ if __name__ == "__main__":
         "agent_path": os.path.abspath(agent_path),
         "eval_history": eval_history,
     }
-    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    twm.write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     writer.close()
     print(f"[ppo] final real return {summary['real_return_mean']:.1f} +/- {summary['real_return_std']:.1f} "
           f"over {args.eval_episodes} episodes | real_env_steps {real_env_steps} | imagined_steps {imagined_steps} "

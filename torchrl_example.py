@@ -50,8 +50,8 @@ class Args:
     # world model
     world_model_path: Optional[str] = None
     """checkpoint written by train_world_model.py; if omitted, one is fit here on real random-policy data
-    (a checkpoint holds no transitions, so Dyna refits then see only the new real data;
-    --dyna-iterations 1 keeps the loaded model as is)"""
+    (Dyna refits extend the real transitions stored in the checkpoint with the new real data; a checkpoint saved
+    without them -- older files -- is refit on the new data only; --dyna-iterations 1 keeps the loaded model as is)"""
     wm_random_steps: int = 4000
     """real random-policy transitions used to fit the world model when no --world-model-path is given"""
     wm_fit_epochs: Optional[int] = None
@@ -285,14 +285,17 @@ if __name__ == "__main__":
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise SystemExit(f"error: --world-model-path {args.world_model_path!r}: {e}") from None
         # the real data behind the checkpoint counts too (train_world_model.py records it in the checkpoint)
-        real_env_steps += int(((getattr(wm, "extra", None) or {}).get("summary") or {}).get("real_env_steps") or 0)
+        real_env_steps += twm.checkpoint_real_steps(wm)
+        # its real transitions (already counted above; None if it carries none): Dyna refits extend them
+        data = wm.buffer
         print(f"[torchrl] loaded world model from {args.world_model_path}")
     else:
         print(f"[torchrl] fitting a world model on {args.wm_random_steps} real random-policy transitions ...")
         data = twm.collect_transitions(args.env_id, args.wm_random_steps, seed=args.seed)
         real_env_steps += len(data)
         wm, fit = twm.fit_world_model(data, seed=args.seed, device=str(device), **fit_kwargs(args))
-        twm.save_world_model(wm, os.path.join(run_dir, "world_model.pt"), extra=checkpoint_extra(real_env_steps))
+        twm.save_world_model(wm, os.path.join(run_dir, "world_model.pt"), extra=checkpoint_extra(real_env_steps),
+                             buffer=data)
         print(f"[torchrl] world model: {describe_fit(fit, args)}")
     if not isinstance(wm.action_space, gym.spaces.Discrete):
         raise SystemExit(f"error: --env-id {args.env_id}: this example's actor is Categorical and needs a Discrete "
@@ -405,7 +408,8 @@ if __name__ == "__main__":
               f"{describe_fit(fit, args)}")
     imagined_steps = global_step
     if data is not None and args.dyna_iterations > 1 and args.dyna_real_steps > 0:  # the refit model
-        twm.save_world_model(wm, os.path.join(run_dir, "world_model.pt"), extra=checkpoint_extra(real_env_steps))
+        twm.save_world_model(wm, os.path.join(run_dir, "world_model.pt"), extra=checkpoint_extra(real_env_steps),
+                             buffer=data)
     train_seconds = time.time() - start_time
 
     # 4. the judgement: the real environment ----------------------------------------------------------------------

@@ -5,7 +5,8 @@
 # 1. collects `--total-timesteps` real transitions from a Gymnasium env with a uniform random policy,
 # 2. fits a probabilistic MLP ensemble that predicts the observation delta, the reward and termination,
 # 3. measures its accuracy on held-out real episodes (one-step, reward, termination, open-loop k-step),
-# 4. writes runs/{run_name}/world_model.pt (atomic) and runs/{run_name}/summary.json.
+# 4. writes runs/{run_name}/world_model.pt (atomic; it carries the real transitions too, so Dyna refits of the loaded
+#    model see them) and runs/{run_name}/summary.json.
 #
 # The module is importable: `load_world_model(path)` rebuilds the model and the adapters below plug it into
 # `world_model_env.WorldModelEnv` (unbatched) and `WorldModelVectorEnv` (batched, one forward for all envs).
@@ -508,6 +509,9 @@ class EnsembleWorldModel(nn.Module):
             self.register_buffer("act_high", torch.as_tensor(np.nan_to_num(action_space.high, posinf=1e6), dtype=torch.float32))
         self.register_buffer("start_obs", torch.zeros(0, self.obs_dim), persistent=False)
         self.register_buffer("buffer_obs", torch.zeros(0, self.obs_dim), persistent=False)
+        # the real transitions behind a loaded checkpoint (a TransitionBuffer), None when it carries none; Dyna
+        # refits of a loaded model start from them so the refit sees all real data, not only the new data
+        self.buffer = None
 
     @property
     def device(self):
@@ -978,9 +982,33 @@ def evaluate_world_model(model, buffer, ks=K_STEPS):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-def save_world_model(model, path, extra=None):
+def _buffer_to_dict(buffer):
+    """Serialises a TransitionBuffer to tensors/primitives (safe for torch.load(weights_only=True))."""
+    out = {name: torch.from_numpy(np.ascontiguousarray(getattr(buffer, name)))
+           for name in (*TransitionBuffer.FIELDS, "start_obs")}
+    out["env_id"] = buffer.env_id
+    return out
+
+
+def _buffer_from_dict(d, obs_dim):
+    """Rebuilds the TransitionBuffer written by _buffer_to_dict; checks it fits a model with `obs_dim`."""
+    if not isinstance(d, dict):
+        raise ValueError(f"buffer must be a dict, got {type(d).__name__}")
+    arrays = {name: d[name].numpy() for name in (*TransitionBuffer.FIELDS, "start_obs")}
+    buffer = TransitionBuffer(**arrays, env_id=d.get("env_id"))
+    if len(buffer) and buffer.obs.shape[1] != obs_dim:
+        raise ValueError(f"buffer observations have {buffer.obs.shape[1]} dims, the model has {obs_dim}")
+    return buffer
+
+
+def save_world_model(model, path, extra=None, buffer=None):
     """Writes the checkpoint atomically (temporary file in the same directory, then os.replace).
-    The payload is tensors and primitive containers only, so it loads with torch.load(weights_only=True)."""
+    The payload is tensors and primitive containers only, so it loads with torch.load(weights_only=True).
+
+    `buffer` (a TransitionBuffer, optional): the real transitions the model was fitted on. Stored in the
+    checkpoint (CartPole, 20k transitions: ~1 MB) so that a later Dyna refit of the loaded model
+    (`fit_world_model(model.buffer.extend(new), model=model)`) sees all real data and recomputes its
+    normalisation from it; load_world_model returns it as `model.buffer`. Without it the key is left out."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -997,6 +1025,18 @@ def save_world_model(model, path, extra=None):
         "buffer_obs": model.buffer_obs.detach().cpu(),
         "extra": _json_safe(extra or {}),
     }
+    if buffer is not None:
+        if not isinstance(buffer, TransitionBuffer):
+            raise TypeError(f"save_world_model: buffer must be a TransitionBuffer or None, got {type(buffer).__name__}")
+        payload["buffer"] = _buffer_to_dict(buffer)
+    return save_torch_atomic(path, payload)
+
+
+def save_torch_atomic(path, payload):
+    """torch.save to a temporary file in the same directory, then os.replace: a crash never leaves half a file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
     os.close(fd)
     try:
@@ -1009,8 +1049,22 @@ def save_world_model(model, path, extra=None):
     return path
 
 
+def checkpoint_real_steps(model) -> int:
+    """Real transitions a loaded world model was fitted on, for honest `real_env_steps` accounting.
+
+    train_world_model.py records them in extra["summary"]["real_env_steps"], the imagined-training scripts in
+    extra["real_env_steps"]; the count is at least the transitions the checkpoint carries (model.buffer, which Dyna
+    refits reuse). 0 when the checkpoint neither says nor carries any."""
+    extra = getattr(model, "extra", None) or {}
+    steps = extra.get("real_env_steps", (extra.get("summary") or {}).get("real_env_steps", 0))
+    carried = getattr(model, "buffer", None)
+    return max(int(steps or 0), len(carried) if carried is not None else 0)
+
+
 def load_world_model(path, device="cpu", env_id=None):
     """Rebuilds an EnsembleWorldModel from a checkpoint written by save_world_model / train_world_model.py.
+    `model.buffer` is the checkpoint's real data (a TransitionBuffer) or None when it was saved without one
+    (the "buffer" key is optional in format version 1, so older checkpoints load unchanged).
 
     Raises FileNotFoundError for a missing file and ValueError for a truncated/corrupt/foreign/too-new file,
     or when `env_id` is given and its spaces differ from the checkpoint's."""
@@ -1052,7 +1106,9 @@ def load_world_model(path, device="cpu", env_id=None):
         model.load_state_dict(payload["state_dict"])
         model.start_obs = payload["start_obs"].float()
         model.buffer_obs = payload["buffer_obs"].float()
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        if payload.get("buffer") is not None:  # optional: checkpoints saved without their data have no "buffer"
+            model.buffer = _buffer_from_dict(payload["buffer"], model.obs_dim)
+    except (KeyError, AttributeError, RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"{path!r} is a damaged world-model checkpoint: {type(e).__name__}: {e}") from None
     model.extra = payload.get("extra", {})
     model.checkpoint_path = path
@@ -1138,8 +1194,10 @@ def train(args: Args):
         "run_name": run_name,
     }
     if args.save_model:
+        # all real data (the held-out test episodes too: real_env_steps counts them) travels with the model, so a
+        # Dyna refit of the loaded checkpoint sees it together with the new data
         save_world_model(model, ckpt_path, extra={"summary": summary, "args": dataclasses.asdict(args),
-                                                   "real_env_steps": len(buffer)})
+                                                   "real_env_steps": len(buffer)}, buffer=buffer)
     summary["wall_seconds"] = time.time() - t_start
     for k, v in summary.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and k != "real_env_steps":

@@ -259,6 +259,8 @@ def test_sb3_example_end_to_end(tmp_path):
 
     # the saved (refit) world model loads back; its real data is counted, no new real data without Dyna
     (run_dir,) = list((tmp_path / "runs").iterdir())
+    # the refit model's checkpoint carries all its real data (random + Dyna), for refits of a later run
+    assert len(twm.load_world_model(run_dir / "world_model.pt").buffer) == 300 + 100
     again = tmp_path / "again"
     again.mkdir()
     summary2, _ = run_script(again, "sb3_example.py", "--world-model-path", str(run_dir / "world_model.pt"),

@@ -251,6 +251,26 @@ def test_end_to_end_vector_modes(tmp_path, world_model_path, vector_mode, autore
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
 
 
+def test_dyna_refit_of_a_given_checkpoint_keeps_its_data(tmp_path):
+    """A checkpoint that carries its real transitions: the Dyna refit sees them plus the new data (not only the new
+    data), they are counted once, and the run's refit checkpoint carries them all."""
+    import train_world_model as twm
+
+    torch.manual_seed(0)
+    buffer = twm.collect_transitions("CartPole-v1", 300, seed=0)
+    model, _ = twm.fit_world_model(buffer, seed=0, ensemble_size=2, hidden_size=32, num_layers=2, max_epochs=2)
+    path = str(tmp_path / "given.pt")
+    twm.save_world_model(model, path, extra={"real_env_steps": len(buffer)}, buffer=buffer)
+    proc = run_script(tmp_path, *TINY, "--world-model-path", path)
+    assert "+40 real steps (total 340), world model refitted on 340 transitions" in proc.stdout
+    run_dir, summary = read_summary(tmp_path)
+    assert summary["real_env_steps"] == 300 + 40 and summary["dyna_rounds"] == 1  # not counted twice
+    refit = twm.load_world_model(summary["world_model_path"])
+    assert summary["world_model_path"] == str(run_dir / "world_model.pt") and len(refit.buffer) == 340
+    np.testing.assert_array_equal(refit.buffer.obs[:300], buffer.obs)
+    assert refit.extra["real_env_steps"] == 340
+
+
 def test_default_trains_its_own_world_model_and_reloads(tmp_path):
     # torch output + SAME_STEP: final_obs comes back as a full tensor with a mask
     run_script(tmp_path, *TINY, "--initial-real-steps", "200", "--env-output", "torch", "--autoreset-mode", "same_step")

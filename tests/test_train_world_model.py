@@ -153,6 +153,48 @@ def test_mismatched_env(checkpoint):
         twm.check_env_matches(model, model.observation_space, gym.spaces.Discrete(3), env_id="x")
 
 
+def _assert_same_buffer(a, b):
+    for name in (*twm.TransitionBuffer.FIELDS, "start_obs"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+    assert a.env_id == b.env_id
+
+
+def test_round_trip_preserves_buffer(cartpole_model, cartpole_buffer, tmp_path):
+    path = tmp_path / "with_data.pt"
+    twm.save_world_model(cartpole_model, path, extra={"real_env_steps": len(cartpole_buffer)}, buffer=cartpole_buffer)
+    payload = torch.load(path, weights_only=True)  # still tensors and primitives only
+    assert payload["version"] == twm.CHECKPOINT_VERSION and "buffer" in payload
+    loaded = twm.load_world_model(path, env_id="CartPole-v1")
+    assert isinstance(loaded.buffer, twm.TransitionBuffer) and loaded.buffer is not cartpole_buffer
+    _assert_same_buffer(loaded.buffer, cartpole_buffer)
+    assert len(loaded.buffer) == 400 and loaded.buffer.num_episodes == cartpole_buffer.num_episodes
+    # the predictions are those of a checkpoint without data
+    x = torch.randn(5, 4)
+    for a, b in zip(cartpole_model.predict(x, [0, 1, 0, 1, 0]), loaded.predict(x, [0, 1, 0, 1, 0])):
+        assert torch.equal(a, b)
+    # a Dyna refit of the loaded model sees the checkpoint's data plus the new data
+    data = loaded.buffer.extend(twm.collect_transitions("CartPole-v1", 60, seed=5))
+    _, metrics = twm.fit_world_model(data, model=loaded, seed=1, max_epochs=1, batch_size=64)
+    assert metrics["num_train"] + metrics["num_val"] == 460
+    # a buffer that does not fit the model is a damaged checkpoint, not a crash later on
+    payload["buffer"]["obs"] = torch.zeros(400, 3)
+    payload["buffer"]["next_obs"] = torch.zeros(400, 3)
+    payload["buffer"]["start_obs"] = torch.zeros(2, 3)
+    torch.save(payload, tmp_path / "bad_buffer.pt")
+    with pytest.raises(ValueError, match="damaged.*buffer observations have 3 dims"):
+        twm.load_world_model(tmp_path / "bad_buffer.pt")
+    with pytest.raises(TypeError, match="TransitionBuffer"):
+        twm.save_world_model(cartpole_model, tmp_path / "x.pt", buffer={"obs": 1})
+
+
+def test_checkpoint_without_buffer_loads_with_none(checkpoint, cartpole_model):
+    assert "buffer" not in torch.load(checkpoint, weights_only=True)  # older format-1 files look like this
+    assert twm.load_world_model(checkpoint).buffer is None
+    assert cartpole_model.buffer is None  # a freshly fitted model carries none either
+
+
 def test_save_is_atomic(cartpole_model, tmp_path):
     path = tmp_path / "sub" / "wm.pt"
     twm.save_world_model(cartpole_model, path)
@@ -201,9 +243,13 @@ def test_rejects_bad_actions(cartpole_model):
         twm.batched_transition_fn(cartpole_model, state, np.array([2]))
 
 
-def test_box_actions_and_noise():
+def test_box_actions_and_noise(tmp_path):
     b = twm.collect_transitions("Pendulum-v1", 300, seed=0)
     model, _ = twm.fit_world_model(b, seed=0, sample_noise=True, **TINY)
+    twm.save_world_model(model, tmp_path / "pendulum.pt", buffer=b)  # float (N, 1) actions and truncations survive
+    loaded = twm.load_world_model(tmp_path / "pendulum.pt", env_id="Pendulum-v1").buffer
+    assert loaded.actions.dtype == np.float32 and loaded.actions.shape == (300, 1) and loaded.truncated.sum() == 1
+    _assert_same_buffer(loaded, b)
     out = twm.batched_reset_fn(model, seed=np.arange(3))
     step = twm.batched_transition_fn(model, out["state"], np.array([[5.0], [-5.0], [0.0]]))  # clipped to +-2
     assert step["observation"].shape == (3, 3) and torch.isfinite(step["observation"]).all()
@@ -276,6 +322,8 @@ def test_tiny_training_run(tmp_path, monkeypatch):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
     loaded = twm.load_world_model(tmp_path / written["checkpoint"], env_id="CartPole-v1")
     assert len(loaded.buffer_obs) == 50 and len(loaded.start_obs) > 0
+    # the checkpoint carries all of its real data (held-out episodes too), for Dyna refits of the loaded model
+    assert len(loaded.buffer) == written["real_env_steps"] == 300 and loaded.buffer.env_id == "CartPole-v1"
 
 
 def test_bad_args(tmp_path, monkeypatch):
