@@ -501,7 +501,6 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         self._obs_dtype = observation_space.dtype
         self._obs_float = np.issubdtype(self._obs_dtype, np.floating)
         self._state: Any = None
-        self._obs: Any = None
         self._steps: Any = None
         self._autoreset_rows = _NO_ROWS
         self._obs_torch_dtype = None
@@ -552,8 +551,6 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
                 f"expected {n} (one row per seed; got {n} seeds)."
             )
         self._state = state
-        self._obs = obs
-        self._options = options
         if self._torch_out:
             torch = _torch()
             self._steps = torch.zeros(n, dtype=torch.int64, device=self.device)
@@ -617,7 +614,6 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
                 state, obs = self._reset_rows(rows, state, obs)  # reset observations are checked there
                 self._steps[self._index(rows)] = 0
         self._state = state
-        self._obs = obs
         return obs, reward, terminated, truncated, info
 
     def close_extras(self, **kwargs):
