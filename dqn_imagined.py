@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train_world_model import (  # noqa: E402
     collect_transitions,
+    evaluate_in_imagination,
     evaluate_in_real_env,
     checkpoint_real_steps,
     fit_world_model,
@@ -340,27 +341,6 @@ def make_env(env_id: str, seed: int, world_model_path: Optional[str] = None,
     return thunk
 
 
-def evaluate_imagined(q_network, model, num_episodes: int, seed: int, max_steps: int) -> np.ndarray:
-    """Greedy returns in the world model from real start states over the full real horizon: set against the real
-    return, it shows how much the policy exploits model errors."""
-    previous_start = model.start_from
-    model.start_from = "start"
-    try:
-        envs = make_imagined_vector_env(model, num_episodes, seed=seed, max_episode_steps=max_steps)
-        obs, _ = envs.reset(seed=seed)
-        returns, alive = np.zeros(num_episodes), np.ones(num_episodes, dtype=bool)
-        for _ in range(max_steps):  # NEXT_STEP autoreset: a row counts until its first episode ends
-            obs, rewards, terms, truncs, _ = envs.step(q_network.act(obs))
-            returns += np.asarray(rewards) * alive
-            alive &= ~(np.asarray(terms) | np.asarray(truncs))
-            if not alive.any():
-                break
-        envs.close()
-    finally:
-        model.start_from = previous_start
-    return returns
-
-
 def fail(field: str, expected: str, got, fix: str):
     """Stop with a short, actionable message instead of a deep traceback."""
     raise SystemExit(f"[dqn] invalid {field}: expected {expected}, got {got!r}. {fix}")
@@ -603,8 +583,8 @@ if __name__ == "__main__":
         writer.add_scalar("eval/real_episodic_length", float(lengths.mean()), global_step)
         writer.add_scalar("eval/real_env_steps", real_env_steps, global_step)
         if use_model:
-            imag = evaluate_imagined(q_network, model, args.eval_episodes, seed_base,
-                                     int(model.max_episode_steps or 500))
+            imag = evaluate_in_imagination(q_network.act, model, args.eval_episodes, seed_base,
+                                           int(model.max_episode_steps or 500))
             entry["imagined_return_mean"] = float(imag.mean())
             entry["imagined_minus_real"] = float(imag.mean()) - last_real_return
             writer.add_scalar("eval/imagined_episodic_return", float(imag.mean()), global_step)

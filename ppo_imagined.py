@@ -466,33 +466,6 @@ def evaluate_real(agent: Agent, env_id: str, num_episodes: int, seed: int, devic
     return np.asarray(returns, dtype=np.float64), np.asarray(lengths, dtype=np.int64)
 
 
-def evaluate_imagined(agent: Agent, model, num_episodes: int, seed: int, device, max_steps: int):
-    """The same deterministic policy in the world model from real start states, full horizon: comparing it with the
-    real return shows how much the policy exploits model errors."""
-    from train_world_model import make_imagined_vector_env
-
-    previous_start = getattr(model, "start_from", None)
-    if previous_start is not None:
-        model.start_from = "start"
-    try:
-        envs = make_imagined_vector_env(model, num_episodes, seed=seed, max_episode_steps=max_steps)
-        obs, _ = envs.reset(seed=seed)
-        returns = np.zeros(num_episodes)
-        alive = np.ones(num_episodes, dtype=bool)
-        for _ in range(max_steps):
-            obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device)
-            obs, reward, term, trunc, _ = envs.step(agent.act(obs_t).cpu().numpy())
-            returns += np.asarray(reward) * alive
-            alive &= ~(np.asarray(term) | np.asarray(trunc))
-            if not alive.any():
-                break
-        envs.close()
-    finally:
-        if previous_start is not None:
-            model.start_from = previous_start
-    return returns
-
-
 def eval_seed_base(seed: int, index: int, episodes: int) -> int:
     """First episode seed of evaluation `index` (0: the final one): disjoint seed ranges for every evaluation and
     far away from the seeds used for training and data collection."""
@@ -647,9 +620,10 @@ if __name__ == "__main__":
         writer.add_scalar("eval/real_episodic_length", float(lengths.mean()), global_step)
         writer.add_scalar("eval/real_env_steps", real_env_steps, global_step)
         if use_model:
-            imag = evaluate_imagined(agent, model, args.eval_episodes,
-                                     eval_seed_base(args.seed, 1 + len(eval_history), args.eval_episodes), device,
-                                     int(getattr(model, "max_episode_steps", None) or 500))
+            imag = twm.evaluate_in_imagination(numpy_policy(agent, device, deterministic=True), model,
+                                               args.eval_episodes,
+                                               eval_seed_base(args.seed, 1 + len(eval_history), args.eval_episodes),
+                                               int(getattr(model, "max_episode_steps", None) or 500))
             entry["imagined_return_mean"] = float(imag.mean())
             entry["imagined_minus_real"] = float(imag.mean()) - last_real_return
             writer.add_scalar("eval/imagined_episodic_return", float(imag.mean()), global_step)

@@ -422,6 +422,28 @@ def evaluate_in_real_env(act_fn, env_id, num_episodes, seed, max_batch=16):
     return returns, lengths
 
 
+def evaluate_in_imagination(act_fn, model, num_episodes, seed, max_steps):
+    """The same policy in the world model, one episode per env from real start states over `max_steps`: set against
+    evaluate_in_real_env's return, it shows how much the policy exploits model errors. Returns the returns."""
+    previous_start = model.start_from
+    model.start_from = "start"
+    try:
+        envs = make_imagined_vector_env(model, num_episodes, seed=seed, max_episode_steps=max_steps)
+        obs, _ = envs.reset(seed=seed)
+        returns, alive = np.zeros(num_episodes), np.ones(num_episodes, dtype=bool)
+        for _ in range(max_steps):  # NEXT_STEP autoreset: a row counts until its first episode ends
+            obs, rewards, terms, truncs, _ = envs.step(act_fn(obs))
+            returns += np.asarray(rewards) * alive
+            alive &= ~(np.asarray(terms) | np.asarray(truncs))
+            if not alive.any():
+                break
+        envs.close()
+    finally:
+        model.start_from = previous_start
+    return returns
+
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
