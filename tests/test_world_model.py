@@ -1,4 +1,5 @@
-"""Tests for train_world_model.py: checkpoint round trip and errors, data collection, adapters, a tiny run."""
+"""Tests for world_model.py (checkpoint round trip and errors, data collection, adapters, the halt rule, refits)
+and a tiny run of train_world_model.py."""
 import json
 import os
 import sys
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_world_model as twm  # noqa: E402
+import world_model as wm  # noqa: E402
+
+IM = wm.Imagination()  # the default settings: real start states, no halt, member means
 
 torch.set_num_threads(1)
 TINY = dict(ensemble_size=3, hidden_size=32, num_layers=2, max_epochs=2, batch_size=64)
@@ -17,12 +20,12 @@ TINY = dict(ensemble_size=3, hidden_size=32, num_layers=2, max_epochs=2, batch_s
 
 @pytest.fixture(scope="module")
 def cartpole_buffer():
-    return twm.collect_transitions("CartPole-v1", 400, seed=0)
+    return wm.collect_transitions("CartPole-v1", 400, seed=0)
 
 
 @pytest.fixture(scope="module")
 def cartpole_model(cartpole_buffer):
-    model, metrics = twm.fit_world_model(cartpole_buffer, seed=0, **TINY)
+    model, metrics = wm.fit_world_model(cartpole_buffer, seed=0, **TINY)
     assert metrics["epochs"] >= 1 and np.isfinite(metrics["train_loss"])
     return model
 
@@ -30,7 +33,7 @@ def cartpole_model(cartpole_buffer):
 @pytest.fixture(scope="module")
 def checkpoint(cartpole_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "world_model.pt"
-    twm.save_world_model(cartpole_model, path)
+    wm.save_world_model(cartpole_model, path)
     return str(path)
 
 
@@ -51,7 +54,7 @@ def test_buffer_is_episode_contiguous_and_consistent(cartpole_buffer):
 
 
 def test_truncation_keeps_true_final_obs():
-    b = twm.collect_transitions("Pendulum-v1", 250, seed=3)
+    b = wm.collect_transitions("Pendulum-v1", 250, seed=3)
     assert b.truncated.sum() == 1 and not b.terminated.any()
     i = int(np.nonzero(b.truncated)[0][0])
     assert i == 199 and b.episode_ids[i + 1] != b.episode_ids[i]
@@ -61,9 +64,9 @@ def test_truncation_keeps_true_final_obs():
 
 
 def test_extend_and_split(cartpole_buffer):
-    b = twm.collect_transitions("CartPole-v1", 100, seed=1)
+    b = wm.collect_transitions("CartPole-v1", 100, seed=1)
     n_eps = b.num_episodes
-    b.extend(twm.collect_transitions("CartPole-v1", 50, seed=2))
+    b.extend(wm.collect_transitions("CartPole-v1", 50, seed=2))
     assert len(b) == 150 and len(b.start_obs) == b.num_episodes > n_eps
     rest, held = cartpole_buffer.split_episodes(0.25, seed=0)
     assert len(rest) + len(held) == len(cartpole_buffer)
@@ -73,7 +76,7 @@ def test_extend_and_split(cartpole_buffer):
 
 def test_from_arrays_sorts_interleaved_episodes():
     obs = np.arange(8, dtype=np.float32).reshape(4, 2)
-    b = twm.TransitionBuffer.from_arrays(obs, [0, 1, 0, 1], [1, 1, 1, 1], obs + 1, [0, 0, 1, 1], [0, 0, 0, 0],
+    b = wm.TransitionBuffer.from_arrays(obs, [0, 1, 0, 1], [1, 1, 1, 1], obs + 1, [0, 0, 1, 1], [0, 0, 0, 0],
                                          episode_ids=[0, 1, 0, 1])
     np.testing.assert_array_equal(b.episode_ids, [0, 0, 1, 1])
     np.testing.assert_array_equal(b.obs[:, 0], [0, 4, 2, 6])
@@ -81,16 +84,16 @@ def test_from_arrays_sorts_interleaved_episodes():
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 def test_round_trip_identical_predictions(cartpole_model, checkpoint):
-    loaded = twm.load_world_model(checkpoint, env_id="CartPole-v1")
+    loaded = wm.load_world_model(checkpoint, env_id="CartPole-v1")
     assert loaded.env_id == "CartPole-v1" and loaded.max_episode_steps == 500
     assert loaded.observation_space == cartpole_model.observation_space
     assert loaded.action_space == cartpole_model.action_space
     seeds = np.arange(6, dtype=np.int64)
     for m in (cartpole_model, loaded):
-        out = twm.batched_reset_fn(m, seed=seeds)
+        out = IM.batched_reset_fn(m, seed=seeds)
         state, trajectory = out["state"], [out["observation"]]
         for t in range(5):
-            step = twm.batched_transition_fn(m, state, torch.tensor([t % 2] * 6))
+            step = IM.batched_transition_fn(m, state, torch.tensor([t % 2] * 6))
             state = step["state"]
             trajectory += [step["observation"], step["reward"], step["terminated"], step["info"]["disagreement"]]
         m._traj = trajectory
@@ -103,12 +106,12 @@ def test_round_trip_identical_predictions(cartpole_model, checkpoint):
 
 def test_checkpoint_loads_with_weights_only(checkpoint):
     payload = torch.load(checkpoint, weights_only=True)
-    assert payload["format"] == twm.CHECKPOINT_FORMAT and payload["version"] == twm.CHECKPOINT_VERSION
+    assert payload["format"] == wm.CHECKPOINT_FORMAT and payload["version"] == wm.CHECKPOINT_VERSION
 
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_world_model.py"):
-        twm.load_world_model(tmp_path / "nope.pt")
+        wm.load_world_model(tmp_path / "nope.pt")
 
 
 def test_truncated_checkpoint(checkpoint, tmp_path):
@@ -116,21 +119,21 @@ def test_truncated_checkpoint(checkpoint, tmp_path):
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        twm.load_world_model(bad)
+        wm.load_world_model(bad)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        twm.load_world_model(garbage)
+        wm.load_world_model(garbage)
 
 
 def test_foreign_checkpoint(tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"a": 1}, foreign)
     with pytest.raises(ValueError, match="not a world-model checkpoint"):
-        twm.load_world_model(foreign)
+        wm.load_world_model(foreign)
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match="not a world-model checkpoint"):
-        twm.load_world_model(tmp_path / "tensor.pt")
+        wm.load_world_model(tmp_path / "tensor.pt")
 
 
 def test_wrong_version(checkpoint, tmp_path):
@@ -138,23 +141,23 @@ def test_wrong_version(checkpoint, tmp_path):
     payload["version"] = 999
     torch.save(payload, tmp_path / "v999.pt")
     with pytest.raises(ValueError, match="version 999"):
-        twm.load_world_model(tmp_path / "v999.pt")
+        wm.load_world_model(tmp_path / "v999.pt")
 
 
 def test_mismatched_env(checkpoint):
     with pytest.raises(ValueError, match="observation_space is shape"):
-        twm.load_world_model(checkpoint, env_id="Acrobot-v1")
-    model = twm.load_world_model(checkpoint, env_id="CartPole-v1")  # the matching env is fine
+        wm.load_world_model(checkpoint, env_id="Acrobot-v1")
+    model = wm.load_world_model(checkpoint, env_id="CartPole-v1")  # the matching env is fine
     with pytest.raises(ValueError, match="observation_space is bounds"):
-        twm.check_env_matches(model, gym.spaces.Box(-1, 1, (4,)), model.action_space, env_id="x")
+        wm.check_env_matches(model, gym.spaces.Box(-1, 1, (4,)), model.action_space, env_id="x")
     with pytest.raises(ValueError, match="action_space is Box"):
-        twm.check_env_matches(model, model.observation_space, gym.spaces.Box(-1, 1, (1,)), env_id="x")
+        wm.check_env_matches(model, model.observation_space, gym.spaces.Box(-1, 1, (1,)), env_id="x")
     with pytest.raises(ValueError, match="Discrete\\(n=3"):
-        twm.check_env_matches(model, model.observation_space, gym.spaces.Discrete(3), env_id="x")
+        wm.check_env_matches(model, model.observation_space, gym.spaces.Discrete(3), env_id="x")
 
 
 def _assert_same_buffer(a, b):
-    for name in (*twm.TransitionBuffer.FIELDS, "start_obs"):
+    for name in (*wm.TransitionBuffer.FIELDS, "start_obs"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
         np.testing.assert_array_equal(x, y, err_msg=name)
@@ -163,11 +166,11 @@ def _assert_same_buffer(a, b):
 
 def test_round_trip_preserves_buffer(cartpole_model, cartpole_buffer, tmp_path):
     path = tmp_path / "with_data.pt"
-    twm.save_world_model(cartpole_model, path, extra={"real_env_steps": len(cartpole_buffer)}, buffer=cartpole_buffer)
+    wm.save_world_model(cartpole_model, path, extra={"real_env_steps": len(cartpole_buffer)}, buffer=cartpole_buffer)
     payload = torch.load(path, weights_only=True)  # still tensors and primitives only
-    assert payload["version"] == twm.CHECKPOINT_VERSION and "buffer" in payload
-    loaded = twm.load_world_model(path, env_id="CartPole-v1")
-    assert isinstance(loaded.buffer, twm.TransitionBuffer) and loaded.buffer is not cartpole_buffer
+    assert payload["version"] == wm.CHECKPOINT_VERSION and "buffer" in payload
+    loaded = wm.load_world_model(path, env_id="CartPole-v1")
+    assert isinstance(loaded.buffer, wm.TransitionBuffer) and loaded.buffer is not cartpole_buffer
     _assert_same_buffer(loaded.buffer, cartpole_buffer)
     assert len(loaded.buffer) == 400 and loaded.buffer.num_episodes == cartpole_buffer.num_episodes
     # the predictions are those of a checkpoint without data
@@ -175,8 +178,8 @@ def test_round_trip_preserves_buffer(cartpole_model, cartpole_buffer, tmp_path):
     for a, b in zip(cartpole_model.predict(x, [0, 1, 0, 1, 0]), loaded.predict(x, [0, 1, 0, 1, 0])):
         assert torch.equal(a, b)
     # a Dyna refit of the loaded model sees the checkpoint's data plus the new data
-    data = loaded.buffer.extend(twm.collect_transitions("CartPole-v1", 60, seed=5))
-    _, metrics = twm.fit_world_model(data, model=loaded, seed=1, max_epochs=1, batch_size=64)
+    data = loaded.buffer.extend(wm.collect_transitions("CartPole-v1", 60, seed=5))
+    _, metrics = wm.fit_world_model(data, model=loaded, seed=1, max_epochs=1, batch_size=64)
     assert metrics["num_train"] + metrics["num_val"] == 460
     # a buffer that does not fit the model is a damaged checkpoint, not a crash later on
     payload["buffer"]["obs"] = torch.zeros(400, 3)
@@ -184,74 +187,77 @@ def test_round_trip_preserves_buffer(cartpole_model, cartpole_buffer, tmp_path):
     payload["buffer"]["start_obs"] = torch.zeros(2, 3)
     torch.save(payload, tmp_path / "bad_buffer.pt")
     with pytest.raises(ValueError, match="damaged.*buffer observations have 3 dims"):
-        twm.load_world_model(tmp_path / "bad_buffer.pt")
+        wm.load_world_model(tmp_path / "bad_buffer.pt")
     with pytest.raises(TypeError, match="TransitionBuffer"):
-        twm.save_world_model(cartpole_model, tmp_path / "x.pt", buffer={"obs": 1})
+        wm.save_world_model(cartpole_model, tmp_path / "x.pt", buffer={"obs": 1})
 
 
 def test_checkpoint_without_buffer_loads_with_none(checkpoint, cartpole_model):
     assert "buffer" not in torch.load(checkpoint, weights_only=True)  # older format-1 files look like this
-    assert twm.load_world_model(checkpoint).buffer is None
+    assert wm.load_world_model(checkpoint).buffer is None
     assert cartpole_model.buffer is None  # a freshly fitted model carries none either
 
 
 def test_save_is_atomic(cartpole_model, tmp_path):
     path = tmp_path / "sub" / "wm.pt"
-    twm.save_world_model(cartpole_model, path)
-    twm.save_world_model(cartpole_model, path)  # overwrite in place
+    wm.save_world_model(cartpole_model, path)
+    wm.save_world_model(cartpole_model, path)  # overwrite in place
     assert sorted(os.listdir(path.parent)) == ["wm.pt"]  # no temporary file left behind
 
 
 # ---- adapters ----------------------------------------------------------------------------------------------------
 def test_batched_adapters_shapes_and_reproducibility(cartpole_model):
     m = cartpole_model
-    out = twm.batched_reset_fn(m, seed=np.array([1, 2, 3, 1]))
+    out = IM.batched_reset_fn(m, seed=np.array([1, 2, 3, 1]))
     obs = out["observation"]
     assert obs.shape == (4, 4) and obs.dtype == torch.float32
     assert torch.equal(obs[0], obs[3])  # same seed, same start
-    step = twm.batched_transition_fn(m, out["state"], np.array([0, 1, 1, 0]))
+    step = IM.batched_transition_fn(m, out["state"], np.array([0, 1, 1, 0]))
     assert step["observation"].shape == (4, 4) and step["reward"].shape == (4,)
     assert step["terminated"].dtype == torch.bool and step["info"]["disagreement"].shape == (4,)
     # a row's trajectory depends only on its own seed and actions, not on its neighbours
-    solo = twm.batched_reset_fn(m, seed=np.array([2]))
-    solo_step = twm.batched_transition_fn(m, solo["state"], np.array([1]))
+    solo = IM.batched_reset_fn(m, seed=np.array([2]))
+    solo_step = IM.batched_transition_fn(m, solo["state"], np.array([1]))
     # (same member drawn; allclose because matmul rounding may depend on the batch size)
     torch.testing.assert_close(solo_step["observation"][0], step["observation"][1], atol=1e-6, rtol=1e-5)
     assert torch.isfinite(step["observation"]).all()
 
 
-def test_buffer_start_and_bad_start_from(cartpole_model):
-    out = twm.batched_reset_fn(cartpole_model, seed=np.array([5]), options={"start_from": "buffer"})
+def test_buffer_start_and_bad_start(cartpole_model):
+    out = wm.Imagination(start="buffer").batched_reset_fn(cartpole_model, seed=np.array([5]))
     assert out["observation"].shape == (1, 4)
-    with pytest.raises(ValueError, match="start_from"):
-        twm.batched_reset_fn(cartpole_model, seed=np.array([5]), options={"start_from": "nowhere"})
+    with pytest.raises(ValueError, match="imagined start"):
+        wm.make_imagined_vector_env(cartpole_model, 2, start="nowhere")
+    with pytest.raises(ValueError, match="halt"):
+        wm.make_imagined_env(cartpole_model, halt=-1)
 
 
 def test_unbatched_adapters_return_numpy(cartpole_model):
-    out = twm.reset_fn(cartpole_model, seed=4)
+    out = IM.reset_fn(cartpole_model, seed=4)
     assert isinstance(out["observation"], np.ndarray) and out["observation"].shape == (4,)
-    step = twm.transition_fn(cartpole_model, out["state"], np.int64(1))
+    step = IM.transition_fn(cartpole_model, out["state"], np.int64(1))
     assert isinstance(step["observation"], np.ndarray) and isinstance(step["reward"], float)
     assert isinstance(step["terminated"], bool) and isinstance(step["info"]["disagreement"], float)
-    again = twm.transition_fn(cartpole_model, twm.reset_fn(cartpole_model, seed=4)["state"], 1)
+    again = IM.transition_fn(cartpole_model, IM.reset_fn(cartpole_model, seed=4)["state"], 1)
     np.testing.assert_array_equal(step["observation"], again["observation"])
 
 
 def test_rejects_bad_actions(cartpole_model):
-    state = twm.batched_reset_fn(cartpole_model, seed=np.array([0]))["state"]
+    state = IM.batched_reset_fn(cartpole_model, seed=np.array([0]))["state"]
     with pytest.raises(ValueError, match="out of range"):
-        twm.batched_transition_fn(cartpole_model, state, np.array([2]))
+        IM.batched_transition_fn(cartpole_model, state, np.array([2]))
 
 
 def test_box_actions_and_noise(tmp_path):
-    b = twm.collect_transitions("Pendulum-v1", 300, seed=0)
-    model, _ = twm.fit_world_model(b, seed=0, sample_noise=True, **TINY)
-    twm.save_world_model(model, tmp_path / "pendulum.pt", buffer=b)  # float (N, 1) actions and truncations survive
-    loaded = twm.load_world_model(tmp_path / "pendulum.pt", env_id="Pendulum-v1").buffer
+    b = wm.collect_transitions("Pendulum-v1", 300, seed=0)
+    model, _ = wm.fit_world_model(b, seed=0, **TINY)
+    wm.save_world_model(model, tmp_path / "pendulum.pt", buffer=b)  # float (N, 1) actions and truncations survive
+    loaded = wm.load_world_model(tmp_path / "pendulum.pt", env_id="Pendulum-v1").buffer
     assert loaded.actions.dtype == np.float32 and loaded.actions.shape == (300, 1) and loaded.truncated.sum() == 1
     _assert_same_buffer(loaded, b)
-    out = twm.batched_reset_fn(model, seed=np.arange(3))
-    step = twm.batched_transition_fn(model, out["state"], np.array([[5.0], [-5.0], [0.0]]))  # clipped to +-2
+    noisy = wm.Imagination(sample_noise=True)
+    out = noisy.batched_reset_fn(model, seed=np.arange(3))
+    step = noisy.batched_transition_fn(model, out["state"], np.array([[5.0], [-5.0], [0.0]]))  # clipped to +-2
     assert step["observation"].shape == (3, 3) and torch.isfinite(step["observation"]).all()
     assert (step["observation"].abs() <= torch.tensor([1.0, 1.0, 8.0])).all()
 
@@ -260,20 +266,30 @@ def test_constant_reward_is_exact_and_halt(cartpole_model):
     import copy
 
     m = copy.deepcopy(cartpole_model)
-    out = twm.batched_reset_fn(m, seed=np.arange(8))
-    step = twm.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
+    out = IM.batched_reset_fn(m, seed=np.arange(8))
+    step = IM.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
     assert torch.all(step["reward"] == 1.0)  # CartPole's reward is constant in the data, so it is reproduced
     assert "halted" not in step["info"]
-    m.halt_disagreement = 1e-12  # every step disagrees more than this
-    step = twm.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
+    halting = wm.Imagination(halt=1e-12, gamma=0.9)  # every step disagrees more than this
+    step = halting.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
     assert step["info"]["halted"].all() and step["terminated"].all()
+    assert torch.all(step["reward"] == 0.0)  # min(0, lowest real reward 1) / (1 - gamma): what a fall costs
+    m.reward_min.fill_(-2.0)  # with negative rewards a halt is worse than any real return
+    step = halting.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
+    torch.testing.assert_close(step["reward"], torch.full((8,), -20.0))
+
+
+def test_halt_reference_is_the_99th_percentile_on_real_data(cartpole_model, cartpole_buffer):
+    d = cartpole_model.predict(torch.as_tensor(cartpole_buffer.obs), cartpole_buffer.actions)[3]
+    inside = (d <= cartpole_model.disagreement_ref).float().mean()
+    assert 0.97 <= float(inside) <= 1.0
 
 
 def test_imagination_stays_finite_for_long_rollouts(cartpole_model):
-    out = twm.batched_reset_fn(cartpole_model, seed=np.arange(16))
+    out = IM.batched_reset_fn(cartpole_model, seed=np.arange(16))
     state = out["state"]
     for t in range(300):
-        state = twm.batched_transition_fn(cartpole_model, state, torch.ones(16, dtype=torch.long))["state"]
+        state = IM.batched_transition_fn(cartpole_model, state, torch.ones(16, dtype=torch.long))["state"]
     assert torch.isfinite(state["obs"]).all()
     assert (state["obs"] <= cartpole_model.obs_clip_high).all() and (state["obs"] >= cartpole_model.obs_clip_low).all()
 
@@ -282,23 +298,49 @@ def test_refit_warm_start(cartpole_model, cartpole_buffer):
     import copy
 
     m = copy.deepcopy(cartpole_model)
-    more = twm.collect_transitions("CartPole-v1", 100, seed=9, policy=lambda o: (o[:, 2] > 0).astype(np.int64))
-    buf = twm.collect_transitions("CartPole-v1", 400, seed=0).extend(more)
-    m2, metrics = twm.fit_world_model(buf, m, seed=1, max_epochs=1, batch_size=64)
+    more = wm.collect_transitions("CartPole-v1", 100, seed=9, policy=lambda o: (o[:, 2] > 0).astype(np.int64))
+    buf = wm.collect_transitions("CartPole-v1", 400, seed=0).extend(more)
+    m2, metrics = wm.fit_world_model(buf, m, seed=1, max_epochs=1, batch_size=64)
     assert m2 is m and metrics["num_train"] + metrics["num_val"] == len(buf)
+
+
+def test_refit_budget_and_kept_normalisation(cartpole_model):
+    import copy
+
+    m = copy.deepcopy(cartpole_model)
+    in_mean = m.in_mean.clone()
+    buf = wm.collect_transitions("CartPole-v1", 400, seed=0)
+    m, buf, metrics = wm.dyna_round(m, buf, "CartPole-v1", None, 128, seed=3)
+    assert metrics["new_real_steps"] == 128 and len(buf) == 528
+    assert metrics["updates"] <= 10  # 20 passes over 128 new transitions at 256 per minibatch
+    assert torch.equal(m.in_mean, in_mean)  # a warm refit keeps the normalisation its weights were trained with
+
+
+def test_box_actions_are_clipped_where_they_enter_the_real_env(monkeypatch):
+    seen = []
+    step = gym.wrappers.TimeLimit.step
+
+    def spy(self, action):
+        seen.append(np.asarray(action).copy())
+        return step(self, action)
+
+    monkeypatch.setattr(gym.wrappers.TimeLimit, "step", spy)
+    wm.collect_transitions("Pendulum-v1", 20, seed=0, policy=lambda o: np.full((len(o), 1), 7.0))
+    wm.evaluate_in_real_env(lambda o: np.full((len(o), 1), -7.0), "Pendulum-v1", 1, seed=0)
+    assert len(seen) == 220 and max(abs(float(a[0])) for a in seen) == 2.0
 
 
 def test_evaluate_in_real_env_is_deterministic():
     policy = lambda o: (o[:, 2] + 0.5 * o[:, 3] > 0).astype(np.int64)  # noqa: E731 (a decent CartPole heuristic)
-    r1, l1 = twm.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
-    r2, l2 = twm.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
+    r1, l1 = wm.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
+    r2, l2 = wm.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_array_equal(l1, l2)
     assert r1.shape == (3,) and l1.dtype == np.int64 and (r1 == l1).all()
 
 
 def test_evaluate_world_model_keys(cartpole_model, cartpole_buffer):
-    acc = twm.evaluate_world_model(cartpole_model, cartpole_buffer)
+    acc = wm.evaluate_world_model(cartpole_model, cartpole_buffer)
     for k in ("one_step_mse", "reward_mae", "termination_precision", "termination_recall",
               "k_step_error_1", "k_step_error_10", "k_step_error_50"):
         assert k in acc
@@ -307,32 +349,46 @@ def test_evaluate_world_model_keys(cartpole_model, cartpole_buffer):
 
 
 # ---- script ------------------------------------------------------------------------------------------------------
-def test_tiny_training_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    args = twm.Args(total_timesteps=300, max_epochs=2, ensemble_size=2, hidden_size=32, num_layers=2, cuda=False,
-                    num_buffer_states=50)
-    model, summary = twm.train(args)
-    run_dir = tmp_path / "runs" / summary["run_name"]
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_world_model.py")
+
+
+def run_script(cwd, *flags):
+    import subprocess
+
+    return subprocess.run([sys.executable, SCRIPT, *flags], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_tiny_training_run(tmp_path):
+    out = run_script(tmp_path, "--total-timesteps", "300", "--max-epochs", "2", "--ensemble-size", "2",
+                     "--hidden-size", "32", "--num-layers", "2", "--no-cuda")
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "runs/" + run_dir.name + "/summary.json" in out.stdout and "tensorboard --logdir runs" in out.stdout
     written = json.loads((run_dir / "summary.json").read_text())
     for key in ("one_step_mse", "reward_mae", "termination_precision", "termination_recall", "k_step_error_1",
                 "k_step_error_10", "k_step_error_50", "real_env_steps", "wall_seconds", "checkpoint"):
         assert key in written
     assert written["real_env_steps"] == 300
-    assert os.path.isfile(tmp_path / written["checkpoint"])
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
-    loaded = twm.load_world_model(tmp_path / written["checkpoint"], env_id="CartPole-v1")
-    assert len(loaded.buffer_obs) == 50 and len(loaded.start_obs) > 0
+    loaded = wm.load_world_model(tmp_path / written["checkpoint"], env_id="CartPole-v1")
+    assert len(loaded.start_obs) > 0
     # the checkpoint carries all of its real data (held-out episodes too), for Dyna refits of the loaded model
     assert len(loaded.buffer) == written["real_env_steps"] == 300 and loaded.buffer.env_id == "CartPole-v1"
 
 
-def test_bad_args(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="--start-from"):
-        twm.train(twm.Args(start_from="middle"))
+@pytest.mark.parametrize("flags, words", [
+    (("--env-id", "NoSuchEnv-v9"), "--env-id"),
+    (("--env-id", "FrozenLake-v1"), "1-D Box observation"),
+    (("--test-fraction", "1.5"), "--test-fraction"),
+    (("--total-timesteps", "1"), "--total-timesteps"),
+])
+def test_bad_args_give_one_line_and_no_run_dir(tmp_path, flags, words):
+    out = run_script(tmp_path, *flags)
+    assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_collect_rejects_unsupported_envs():
     with pytest.raises(ValueError, match="1-D gymnasium.spaces.Box"):
-        twm.collect_transitions("FrozenLake-v1", 10, seed=0)
-    with pytest.raises(ValueError, match="--env-id"):
-        twm.train(twm.Args(env_id="NoSuchEnv-v9"))
-    with pytest.raises(ValueError, match="--test-fraction"):
-        twm.train(twm.Args(test_fraction=1.5))
+        wm.collect_transitions("FrozenLake-v1", 10, seed=0)
