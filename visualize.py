@@ -1,0 +1,524 @@
+"""Pictures of a world model and a policy (no CLI): open-loop prediction figures, real-episode videos and
+dream-vs-real videos. Everything here runs headless: figures are drawn with matplotlib's Agg canvas (no pyplot
+window), videos with Gymnasium's render_mode="rgb_array" (pygame with SDL_VIDEODRIVER=dummy when there is no
+display) and written as mp4 with imageio + imageio-ffmpeg.
+
+- `open_loop_figure(model, buffer, ...)`: real held-out episodes against the model's open-loop prediction from the
+  same start state with the same real actions (ensemble mean and the members' min..max band), plus the k-step error
+  against the horizon. `save_figure` writes it as a PNG (atomically), `log_figure` puts it into TensorBoard.
+- `record_real_episodes(act_fn, env_id, ...)`: one mp4 per real episode of the policy.
+- `dream_vs_real_video(act_fn, model, env_id, ...)`: the same actions played in the world model and in the real env,
+  rendered side by side ("dream | real") for the classic control envs whose state can be set.
+"""
+import os
+import tempfile
+
+# Headless defaults; an explicit choice of the user (MPLBACKEND, SDL_VIDEODRIVER) is left alone.
+os.environ.setdefault("MPLBACKEND", "Agg")
+if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+
+import gymnasium as gym
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import world_model as wm
+
+DPI = 100
+MAX_DIMS = 12  # observation dimensions drawn in an open-loop figure (the first ones); more make it unreadable
+
+# Readable names of the observation dimensions of the classic control envs (others get obs[i]).
+OBS_NAMES = {
+    "CartPoleEnv": ["cart position", "cart velocity", "pole angle", "pole ang. velocity"],
+    "PendulumEnv": ["cos θ", "sin θ", "θ velocity"],
+    "AcrobotEnv": ["cos θ1", "sin θ1", "cos θ2", "sin θ2", "θ1 velocity", "θ2 velocity"],
+    "MountainCarEnv": ["position", "velocity"],
+    "Continuous_MountainCarEnv": ["position", "velocity"],
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------------
+def new_figure(width, height, dpi=DPI):
+    """A matplotlib Figure on an Agg canvas: no pyplot, no window, no global figure list to leak into."""
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _publish(tmp, path):
+    """os.replace(tmp, path) with the permissions a plain open() would give (mkstemp makes files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path, dpi=DPI):
+    """Writes `fig` as a PNG to `path` atomically (temporary file in the same directory, then os.replace), as a
+    256-colour palette image (line plots lose nothing visible; the file is ~3x smaller than RGBA).
+    The figure stays open (log it afterwards with `log_figure`). Returns the path."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        image = Image.fromarray(figure_to_array(fig, dpi=dpi))
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
+        _publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def figure_to_array(fig, dpi=None):
+    """The figure's pixels as an (H, W, 3) uint8 array, rendered with Agg at `dpi` (default: the figure's)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    old = fig.dpi
+    if dpi is not None:
+        fig.set_dpi(dpi)
+    try:
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        fig.set_dpi(old)
+
+
+def log_figure(writer, tag, fig, step):
+    """Adds `fig` to TensorBoard as an image (writer: a torch.utils.tensorboard SummaryWriter). Renders with Agg
+    directly (no pyplot), so it works headless. Returns the (H, W, 3) image."""
+    image = figure_to_array(fig)
+    writer.add_image(tag, image, step, dataformats="HWC")
+    return image
+
+
+def obs_names(model_or_env_id, obs_dim):
+    """Names of the observation dimensions for axis labels (obs[i] for envs without known names)."""
+    env_id = getattr(model_or_env_id, "env_id", model_or_env_id)
+    names = None
+    if env_id is not None:
+        try:
+            env = gym.make(env_id)
+            names = OBS_NAMES.get(type(env.unwrapped).__name__)
+            env.close()
+        except gym.error.Error:
+            names = None
+    if names is None or len(names) != obs_dim:
+        names = [f"obs[{i}]" for i in range(obs_dim)]
+    return names
+
+
+def _set_view(ax, real, predicted):
+    """y-limits that show the real curve well: the prediction is shown up to 2 real spans beyond it, so a diverging
+    prediction does not flatten the real curve; a constant real curve gets a band of +-12.5% of its value."""
+    lo, hi = float(np.min(real)), float(np.max(real))
+    span = hi - lo
+    if span < 1e-9:
+        span = max(0.25 * abs(lo), 0.1)
+    lo_v = min(lo, max(float(np.min(predicted)), lo - 2 * span))
+    hi_v = max(hi, min(float(np.max(predicted)), hi + 2 * span))
+    margin = 0.08 * max(hi_v - lo_v, 1e-9) if hi_v - lo_v > 1e-9 else 0.5 * span
+    ax.set_ylim(lo_v - margin, hi_v + margin)
+
+
+def _episode_bounds(buffer):
+    """(episode id, first row, length) of each episode of an episode-contiguous TransitionBuffer."""
+    ids = buffer.episode_ids
+    if len(ids) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(ids)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [len(ids)]])
+    return [(int(ids[s]), int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+
+@torch.no_grad()
+def open_loop_rollout(model, obs0, actions):
+    """Replays `actions` (T real actions) open loop from the real observation `obs0`: the ensemble mean step by
+    step, and each member on its own (its own state, its own mean prediction). Returns a dict of numpy arrays:
+    mean_obs (T+1, d) and member_obs (E, T+1, d) (row 0 is obs0), mean_reward (T,), member_reward (E, T) and
+    mean_term_prob (T,): the ensemble's P(terminated) at each step of the mean rollout."""
+    dev, E, T = model.device, model.ensemble_size, len(actions)
+    o_mean = torch.as_tensor(np.asarray(obs0, dtype=np.float32)[None], device=dev)
+    o_mem = o_mean.expand(E, -1).clone()
+    members = torch.arange(E, device=dev)
+    mean_obs, member_obs = [o_mean[0].cpu().numpy()], [o_mem.cpu().numpy()]
+    mean_reward, member_reward, term_prob = [], [], []
+    for t in range(T):
+        a = actions[t: t + 1]
+        o_mean, r, logit, _ = model.predict(o_mean, a)
+        o_mem, r_mem, _, _ = model.predict(o_mem, np.repeat(a, E, axis=0), members=members)
+        mean_obs.append(o_mean[0].cpu().numpy())
+        member_obs.append(o_mem.cpu().numpy())
+        mean_reward.append(float(r[0]))
+        member_reward.append(r_mem.cpu().numpy())
+        term_prob.append(float(torch.sigmoid(logit[0])))
+    return {
+        "mean_obs": np.stack(mean_obs), "member_obs": np.stack(member_obs, axis=1),
+        "mean_reward": np.asarray(mean_reward), "member_reward": np.stack(member_reward, axis=1).reshape(E, T),
+        "mean_term_prob": np.asarray(term_prob),
+    }
+
+
+@torch.no_grad()
+def k_step_errors(model, buffer, horizon, max_segments=2000, seed=0, with_median=False):
+    """Open-loop error after k = 1..horizon real actions, with the ensemble mean, from up to `max_segments` random
+    real start rows; a segment counts for k while it stays inside its episode. The error is the mean squared error
+    in units of the data's per-dimension obs std (the same quantity as evaluate_world_model's k_step_error_k).
+    Returns (errors (horizon,) with nan where no segment is that long, counts (horizon,)), plus the medians
+    (horizon,) with `with_median` (the mean is dominated by the few segments that leave the data's range)."""
+    ids, n = buffer.episode_ids, len(buffer)
+    errors, counts = np.full(horizon, np.nan), np.zeros(horizon, dtype=np.int64)
+    medians = np.full(horizon, np.nan)
+    if n == 0:
+        return (errors, counts, medians) if with_median else (errors, counts)
+    rows = np.arange(n)
+    if n > max_segments:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_segments, replace=False))
+    dev = model.device
+    o = torch.as_tensor(buffer.obs[rows], device=dev)
+    true_next = torch.as_tensor(buffer.next_obs, device=dev)
+    for j in range(horizon):
+        idx = rows + j
+        keep = idx < n
+        keep[keep] = ids[idx[keep]] == ids[rows[keep]]
+        if not keep.any():
+            break
+        rows, idx, o = rows[keep], idx[keep], o[torch.as_tensor(keep, device=dev)]
+        o, _, _, _ = model.predict(o, buffer.actions[idx])
+        err = (((o - true_next[torch.as_tensor(idx, device=dev)]) / model.obs_std) ** 2).mean(-1)
+        errors[j], counts[j], medians[j] = float(err.mean()), len(rows), float(err.median())
+    return (errors, counts, medians) if with_median else (errors, counts)
+
+
+def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims=MAX_DIMS, max_segments=2000):
+    """Figure: for `num_episodes` real episodes of `buffer` (pass HELD-OUT data, e.g. the validation split of
+    TransitionBuffer.split_episodes), every observation dimension and the reward over up to `horizon` steps: real
+    (black) against the model's open-loop prediction from the same real start state with the same real actions,
+    ensemble mean (blue) with the band min..max over the members (each member rolled out on its own). An episode
+    shorter than `horizon` is drawn over its whole length; episodes at least `horizon` long are preferred (random
+    choice by `seed`), else the longest. The reward row marks the real termination (dashed) and the first step the
+    model's mean rollout predicts termination (red x). The bottom panel: the k-step error (mean over all segments of
+    the buffer, in obs-std units, see `k_step_errors`) against k. Returns a matplotlib Figure (Agg, 100 dpi)."""
+    episodes = _episode_bounds(buffer)
+    if not episodes:
+        raise ValueError("open_loop_figure: the buffer has no transitions")
+    if num_episodes < 1 or horizon < 1:
+        raise ValueError(f"open_loop_figure: num_episodes and horizon must be >= 1, got {num_episodes}, {horizon}")
+    lengths = np.array([length for _, _, length in episodes])
+    long_enough = np.flatnonzero(lengths >= min(horizon, lengths.max()))
+    rng = np.random.default_rng(seed)
+    chosen = list(rng.permutation(long_enough)[:num_episodes])
+    if len(chosen) < num_episodes:  # fill up with the longest of the rest
+        rest = [i for i in np.argsort(-lengths, kind="stable") if i not in set(chosen)]
+        chosen += rest[: num_episodes - len(chosen)]
+    chosen = sorted(chosen)
+
+    d = model.obs_dim
+    shown = min(d, max_dims)
+    names = obs_names(model, d)[:shown] + ["reward"]
+    ncols, nrows = len(chosen), shown + 1
+    width, height = max(6.0, 2.9 * ncols + 0.9), 1.1 * nrows + 3.6
+    fig = new_figure(width, height)
+    # top: the episodes (one column each); bottom: the k-step error, with room for the reward row's tick labels
+    top_grid = fig.add_gridspec(nrows, ncols, hspace=0.12, wspace=0.3, left=0.1, right=0.98,
+                                top=1 - 0.95 / height, bottom=2.75 / height)
+    bottom_grid = fig.add_gridspec(1, 1, left=0.1, right=0.98, top=2.05 / height, bottom=0.5 / height)
+    for c, i in enumerate(chosen):
+        ep_id, first, length = episodes[i]
+        T = min(horizon, length)
+        rows = slice(first, first + T)
+        out = open_loop_rollout(model, buffer.obs[first], buffer.actions[rows])
+        real_obs = np.concatenate([buffer.obs[first][None], buffer.next_obs[rows]])
+        steps_obs, steps_r = np.arange(T + 1), np.arange(1, T + 1)
+        terminated = bool(buffer.terminated[first + T - 1]) and T == length
+        for r in range(nrows):
+            ax = fig.add_subplot(top_grid[r, c])
+            if r < shown:
+                x, real = steps_obs, real_obs[:, r]
+                mean, member = out["mean_obs"][:, r], out["member_obs"][:, :, r]
+            else:
+                x, real = steps_r, buffer.rewards[rows]
+                mean, member = out["mean_reward"], out["member_reward"]
+            ax.fill_between(x, member.min(0), member.max(0), color="C0", alpha=0.22, linewidth=0,
+                            label="members min..max")
+            ax.plot(x, mean, color="C0", linewidth=1.4, label="model (ensemble mean)")
+            ax.plot(x, real, color="black", linewidth=1.2, label="real")
+            _set_view(ax, real, np.concatenate([member.min(0), member.max(0), mean]))
+            ax.set_xlim(0, T + 1 if terminated else T)  # room for the termination marks at the last step
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
+            if r == nrows - 1:
+                if terminated:
+                    ax.axvline(T, color="black", linestyle="--", linewidth=0.9, label="real: terminated")
+                hit = np.flatnonzero(out["mean_term_prob"] > 0.5)
+                if len(hit):
+                    ax.plot(hit[0] + 1, out["mean_reward"][hit[0]], "x", color="C3", markersize=8, mew=2,
+                            label="model: terminated (first)")
+                ax.set_xlabel("step", fontsize=8, labelpad=1)
+            else:
+                ax.tick_params(labelbottom=False)
+            if c == 0:
+                ax.set_ylabel(names[r], fontsize=8)
+            if r == 0:
+                ax.set_title(f"episode {ep_id} ({length} steps{', terminated' if terminated else ''})", fontsize=9)
+    # one legend for all panels: every label once, in the order the panels drew them
+    handles, labels = [], []
+    for ax in fig.axes:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="center", ncol=len(labels), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.54, 1 - 0.52 / height))
+    more = f", first {shown} of {d} obs dims" if shown < d else ""
+    fig.suptitle(f"{model.env_id or 'world model'}: open-loop prediction from the real start state with the real "
+                 f"actions ({model.ensemble_size} members{more})", fontsize=10, y=1 - 0.06 / height,
+                 va="top")
+
+    ax = fig.add_subplot(bottom_grid[0, 0])
+    k_horizon = int(max(horizon, 1))
+    errors, counts, medians = k_step_errors(model, buffer, k_horizon, max_segments=max_segments, seed=seed,
+                                            with_median=True)
+    ks = np.arange(1, k_horizon + 1)
+    ok = np.isfinite(errors)
+    ax.plot(ks[ok], errors[ok], color="C0", marker=".", markersize=3, linewidth=1.4, label="mean")
+    ax.plot(ks[ok], medians[ok], color="C0", linestyle="--", linewidth=1.1, label="median")
+    ax.legend(fontsize=7, loc="best", frameon=False)
+    if ok.any() and np.nanmin(medians[ok]) > 0:
+        ax.set_yscale("log")
+    last = int(ks[ok][-1]) if ok.any() else 0
+    ax.set_xlim(0.5, max(last, 1) + 0.5)
+    ax.set_xlabel("k (open-loop steps with real actions)", fontsize=8)
+    ax.set_ylabel("k-step MSE\n(obs std units²)", fontsize=8)
+    ax.set_title(f"open-loop k-step error of the ensemble mean: all segments of the data that stay inside an "
+                 f"episode ({int(counts[0])} at k=1, {int(counts[last - 1]) if last else 0} at k={last})",
+                 fontsize=9)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=0.9)
+    ax.text(0.995, 1.0, "error = the data's own spread ", transform=ax.get_yaxis_transform(),
+            ha="right", va="top", fontsize=7, color="grey")
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=7)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Videos
+# ----------------------------------------------------------------------------------------------------------------
+def _video_writer(path, fps):
+    import imageio.v2 as imageio
+
+    # macro_block_size=1: keep the env's frame size exactly (the default would resize to multiples of 16)
+    return imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=6,
+                              macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error")
+
+
+def _even(frame):
+    """yuv420p needs even sizes: pads one black row/column where needed."""
+    h, w = frame.shape[:2]
+    if h % 2 or w % 2:
+        frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)))
+    return frame
+
+
+def _tmp_video_path(path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".mp4", dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def _make_render_env(env_id, where):
+    try:
+        return gym.make(env_id, render_mode="rgb_array")
+    except gym.error.Error as e:
+        raise ValueError(f"{where}: env_id {env_id!r} cannot be created with render_mode='rgb_array' "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _env_action(act_fn, obs, action_space, clip=True):
+    """One action for one env from act_fn on a batch of one observation."""
+    a = act_fn(np.asarray(obs, dtype=np.float32)[None])
+    a = wm.clip_action(a, action_space) if clip else wm._to_numpy(a)
+    if isinstance(action_space, gym.spaces.Discrete):
+        return int(np.asarray(a).reshape(-1)[0])
+    return np.asarray(a, dtype=action_space.dtype).reshape(action_space.shape)
+
+
+def record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir, clip=True, max_steps=None):
+    """Plays `num_episodes` real episodes (reset seeds seed, seed+1, ..., as evaluate_in_real_env, so the returns
+    match it) with act_fn(obs_batch (1, obs_dim) np.float32) -> actions, Box actions clipped to the bounds
+    (`clip`), and writes one mp4 per episode to `video_dir` (the env's render_fps; the first frame is the reset
+    state, so an episode of L steps has L+1 frames). `max_steps` cuts episodes short (None: to the end).
+    Returns (paths, returns (num_episodes,))."""
+    paths, returns = [], np.zeros(num_episodes, dtype=np.float64)
+    safe_id = env_id.replace("/", "_")
+    for i in range(num_episodes):
+        env = _make_render_env(env_id, "record_real_episodes")
+        fps = env.metadata.get("render_fps") or 30
+        path = os.path.join(video_dir, f"{safe_id}__episode{i}__seed{seed + i}.mp4")
+        tmp = _tmp_video_path(path)
+        try:
+            writer = _video_writer(tmp, fps)
+            try:
+                obs, _ = env.reset(seed=seed + i)
+                writer.append_data(_even(env.render()))
+                steps, done = 0, False
+                while not done and (max_steps is None or steps < max_steps):
+                    obs, r, term, trunc, _ = env.step(_env_action(act_fn, obs, env.action_space, clip))
+                    returns[i] += r
+                    steps += 1
+                    done = term or trunc
+                    writer.append_data(_even(env.render()))
+            finally:
+                writer.close()
+            _publish(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        finally:
+            env.close()
+        paths.append(path)
+    return paths, returns
+
+
+def _angle(cos, sin):
+    return float(np.arctan2(sin, cos))
+
+
+# obs -> env.unwrapped.state for the envs whose rendering depends only on a state that the observation determines
+STATE_FROM_OBS = {
+    "CartPoleEnv": lambda o: np.asarray(o, dtype=np.float64).copy(),
+    "MountainCarEnv": lambda o: np.asarray(o, dtype=np.float64).copy(),
+    "Continuous_MountainCarEnv": lambda o: np.asarray(o, dtype=np.float64).copy(),
+    "PendulumEnv": lambda o: np.array([_angle(o[0], o[1]), o[2]], dtype=np.float64),
+    "AcrobotEnv": lambda o: np.array([_angle(o[0], o[1]), _angle(o[2], o[3]), o[4], o[5]], dtype=np.float64),
+}
+
+
+def state_from_obs_fn(env):
+    """obs -> state function for `env` (gym.make(...) or unwrapped); ValueError for envs whose state cannot be set
+    from an observation."""
+    unwrapped = env.unwrapped
+    convert = STATE_FROM_OBS.get(type(unwrapped).__name__)
+    if convert is None:
+        env_id = unwrapped.spec.id if unwrapped.spec is not None else type(unwrapped).__name__
+        raise ValueError(
+            f"dream_vs_real_video needs an env whose state can be set from an observation (CartPole, Pendulum, "
+            f"Acrobot, MountainCar, MountainCarContinuous); {env_id!r} ({type(unwrapped).__name__}) is not one of "
+            "them. Use open_loop_figure to look at the world model of other envs."
+        )
+    return convert
+
+
+def set_state_from_obs(env, obs):
+    """Puts a classic control env into the state an observation describes, so that env.render() draws it."""
+    env.unwrapped.state = state_from_obs_fn(env)(np.asarray(obs, dtype=np.float64))
+
+
+def _caption(frame_width, texts, height):
+    """A black strip (height x 2*frame_width x 3) with one white text per half."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    strip = Image.new("RGB", (2 * frame_width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    try:
+        font = ImageFont.load_default(size=max(10, int(height * 0.55)))
+    except TypeError:  # Pillow without FreeType sizes
+        font = ImageFont.load_default()
+    for k, text in enumerate(texts):
+        draw.text((k * frame_width + 8, height // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+    return np.asarray(strip)
+
+
+def dream_vs_real_video(act_fn, model, env_id, seed, path, horizon=200, policy_on="real", caption_height=28):
+    """Side-by-side mp4: the world model's dream (left) and the real env (right), same start, same actions.
+
+    The real env is reset with `seed`; the dream starts from the same real observation and is stepped with the
+    ensemble mean (model.predict, members=None, deterministic). The actions come from the policy acting on the REAL
+    observations (policy_on="real", default: the dream then shows where the model's prediction of the policy's own
+    trajectory drifts) or on the dream's observations (policy_on="dream": what the policy "thinks" happens while the
+    real env gets the same actions); Box actions are clipped. The dream frame is rendered by a second real env
+    instance whose `unwrapped.state` is set from the predicted observation (CartPole, Pendulum, Acrobot, MountainCar,
+    MountainCarContinuous; others raise ValueError). The video runs until the real episode ends or `horizon` steps;
+    a predicted termination is shown in the caption ("terminated") but the dream is stepped on. The caption strip on
+    top names each half with its step, reward and return. Frames: (caption_height + H) x 2W for env frames H x W;
+    steps + 1 frames (the first is the common start state).
+    Returns (path, real_rewards (steps,), dream_rewards (steps,))."""
+    if policy_on not in ("real", "dream"):
+        raise ValueError(f"dream_vs_real_video: policy_on must be 'real' or 'dream', got {policy_on!r}")
+    if horizon < 1:
+        raise ValueError(f"dream_vs_real_video: horizon must be >= 1, got {horizon}")
+    real = _make_render_env(env_id, "dream_vs_real_video")
+    dream = _make_render_env(env_id, "dream_vs_real_video")
+    tmp = None
+    try:
+        state_from_obs_fn(real)  # the ValueError that says which envs work, before anything else
+        wm.check_env_matches(model, real.observation_space, real.action_space, env_id=repr(env_id))
+        action_space = real.action_space
+        real_obs, _ = real.reset(seed=seed)
+        dream.reset(seed=seed)
+        dream_obs = np.asarray(real_obs, dtype=np.float32)
+        fps = real.metadata.get("render_fps") or 30
+        tmp = _tmp_video_path(path)
+        writer = _video_writer(tmp, fps)
+        real_rewards, dream_rewards = [], []
+        dream_term_at = None
+
+        def frame(step, real_r, dream_r):
+            set_state_from_obs(dream, dream_obs)
+            right, left = real.render(), dream.render()
+            if dream_term_at is not None:
+                d_status = f"  (model: terminated at step {dream_term_at})"
+            else:
+                d_status = ""
+            texts = [f"dream  step {step}  r {dream_r:+.2f}  return {sum(dream_rewards):.1f}{d_status}",
+                     f"real  step {step}  r {real_r:+.2f}  return {sum(real_rewards):.1f}"]
+            if step == 0:
+                texts = ["dream (world model, ensemble mean)", "real"]
+            strip = _caption(left.shape[1], texts, caption_height)
+            body = np.concatenate([left, right], axis=1)
+            body[:, left.shape[1] - 1: left.shape[1] + 1] = 128  # a grey seam between dream and real
+            return _even(np.concatenate([strip, body], axis=0))
+
+        try:
+            writer.append_data(frame(0, 0.0, 0.0))
+            with torch.no_grad():
+                for step in range(1, horizon + 1):
+                    action = _env_action(act_fn, real_obs if policy_on == "real" else dream_obs, action_space)
+                    real_obs, r, term, trunc, _ = real.step(action)
+                    o, dr, logit, _ = model.predict(torch.as_tensor(dream_obs[None], device=model.device),
+                                                    np.asarray(action)[None])
+                    dream_obs = o[0].cpu().numpy()
+                    if dream_term_at is None and float(logit[0]) > 0:
+                        dream_term_at = step
+                    if isinstance(action_space, gym.spaces.Box) and hasattr(dream.unwrapped, "last_u"):
+                        dream.unwrapped.last_u = float(np.asarray(action).reshape(-1)[0])  # Pendulum's arrow
+                    real_rewards.append(float(r))
+                    dream_rewards.append(float(dr[0]))
+                    writer.append_data(frame(step, float(r), float(dr[0])))
+                    if term or trunc:
+                        break
+        finally:
+            writer.close()
+        _publish(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        real.close()
+        dream.close()
+    return os.fspath(path), np.asarray(real_rewards), np.asarray(dream_rewards)
