@@ -7,7 +7,9 @@
 # 2. fits a probabilistic MLP ensemble that predicts the observation delta, the reward and termination,
 # 3. measures its accuracy on held-out real episodes (one-step, reward, termination, open-loop k-step),
 # 4. writes runs/{run_name}/world_model.pt (atomic; it carries the real transitions, so Dyna refits of the loaded
-#    model see them), runs/{run_name}/summary.json and TensorBoard scalars under world_model/.
+#    model see them), runs/{run_name}/summary.json, TensorBoard scalars under world_model/ and the open-loop figure
+#    (held-out real episodes against the model's prediction from the same start with the same actions) as
+#    runs/{run_name}/open_loop.png and as a TensorBoard image.
 import dataclasses
 import os
 import time
@@ -18,6 +20,7 @@ import torch
 import tyro
 
 import rl_utils
+import visualize
 import world_model as wm
 
 
@@ -103,6 +106,7 @@ if __name__ == "__main__":
             env_id=args.env_id, device=device, writer=writer, global_step=len(buffer), verbose=True,
         )
         accuracy = wm.evaluate_world_model(model, test_buf) if len(test_buf) else {}
+        figure = visualize.write_open_loop(model, test_buf if len(test_buf) else fit_buf, writer, len(buffer))
         ckpt_path = os.path.join(run_dir, "world_model.pt")
         summary = {
             "env_id": args.env_id, "seed": args.seed,
@@ -111,7 +115,8 @@ if __name__ == "__main__":
             **{f"k_step_error_{k}": accuracy.get(f"k_step_error_{k}") for k in wm.K_STEPS},
             **{f"k_step_count_{k}": accuracy.get(f"k_step_count_{k}") for k in wm.K_STEPS},
             "real_env_steps": len(buffer), "train_epochs": fit["epochs"], "fit_seconds": fit["seconds"],
-            "val_mse": fit["val_mse"], "checkpoint": ckpt_path if args.save_model else None, "run_dir": run_dir,
+            "val_mse": fit["val_mse"], "checkpoint": ckpt_path if args.save_model else None, "open_loop_figure": figure,
+            "run_dir": run_dir,
         }
         if args.save_model:
             # all real data (the test episodes too: real_env_steps counts them) travels with the model, so a Dyna

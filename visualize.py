@@ -102,6 +102,15 @@ def log_figure(writer, tag, fig, step):
     return image
 
 
+def write_open_loop(model, buffer, writer, step, name="open_loop"):
+    """The open-loop figure of `model` on `buffer`'s episodes, as runs/<run>/{name}.png (the latest one) and as a
+    TensorBoard image `world_model/{name}` at `step` (one per call). Returns the PNG's path."""
+    fig = open_loop_figure(model, buffer)
+    path = save_figure(fig, os.path.join(writer.log_dir, f"{name}.png"))
+    log_figure(writer, f"world_model/{name}", fig, step)
+    return path
+
+
 def obs_names(model_or_env_id, obs_dim):
     """Names of the observation dimensions for axis labels (obs[i] for envs without known names)."""
     env_id = getattr(model_or_env_id, "env_id", model_or_env_id)
@@ -522,3 +531,17 @@ def dream_vs_real_video(act_fn, model, env_id, seed, path, horizon=200, policy_o
         real.close()
         dream.close()
     return os.fspath(path), np.asarray(real_rewards), np.asarray(dream_rewards)
+
+
+def capture_videos(act_fn, env_id, seed, run_dir, num_episodes, model=None):
+    """What `--capture-video` writes under runs/<run>/videos/: the real episodes of the final evaluation (same seeds,
+    so the same returns as summary.json) and, with a world model and an env whose state can be set, one
+    dream-vs-real video from the first of those starts. Returns the paths."""
+    video_dir = os.path.join(run_dir, "videos")
+    paths, _ = record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir)
+    if model is not None:
+        try:
+            paths.append(dream_vs_real_video(act_fn, model, env_id, seed, os.path.join(video_dir, "dream_vs_real.mp4"))[0])
+        except ValueError as e:  # no settable state (MuJoCo and others): the real videos are still there
+            print(f"[video] no dream-vs-real video: {e}")
+    return paths

@@ -510,3 +510,109 @@ def test_batched_numpy_output_converts_tensor_infos():
     vec.reset(seed=0)
     *_, info = vec.step(np.zeros(3, dtype=np.int64))
     assert isinstance(info["disagreement"], np.ndarray) and info["disagreement"].shape == (3,)
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite values name the field and the rows; SAME_STEP final_info matches SyncVectorEnv
+
+
+def _nan_rows(x, rows):
+    x = np.array(x, dtype=np.float32)
+    x[rows] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("output", ["numpy", "torch"])
+def test_batched_non_finite_observation_names_field_and_rows(output):
+    vec = batched(4, transition_fn=batched_with(observation=lambda o: _nan_rows(o["observation"], [1, 3])), output=output)
+    vec.reset(seed=0)
+    with pytest.raises(AdapterError, match=r"transition_fn returned a non-finite observation \(NaN or Inf\) in rows \[1, 3\]"):
+        vec.step(np.zeros(4, dtype=np.int64))
+
+
+@pytest.mark.parametrize("output", ["numpy", "torch"])
+def test_batched_non_finite_reward_names_field_and_rows(output):
+    vec = batched(8, transition_fn=batched_with(reward=lambda o: np.where(np.arange(8) != 4, np.inf, o["reward"])),
+                  output=output)
+    vec.reset(seed=0)
+    with pytest.raises(AdapterError, match=r"non-finite reward \(NaN or Inf\) in rows \[0, 1, 2, 3, 5\] \(and 2 more\)"):
+        vec.step(np.zeros(8, dtype=np.int64))
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_batched_non_finite_reset_observation_names_field_and_rows(mode):
+    def reset_fn(model, seed=None, options=None):
+        out = batched_reset(model, seed)
+        out["observation"] = _nan_rows(out["observation"], [len(seed) - 1])
+        return out
+
+    with pytest.raises(AdapterError, match=r"reset_fn returned a non-finite observation \(NaN or Inf\) in rows \[3\]"):
+        batched(4, reset_fn=reset_fn).reset(seed=0)
+    # on autoreset the rows are named by env index, and reset_fn (not transition_fn) is blamed
+    vec = batched(3, max_episode_steps=1, autoreset_mode=mode)
+    vec.reset(seed=0)
+    vec.reset_fn = reset_fn
+    with pytest.raises(AdapterError, match=r"reset_fn returned a non-finite observation \(NaN or Inf\) in rows \[2\]"):
+        for _ in range(2):
+            vec.step(np.zeros(3, dtype=np.int64))
+
+
+def transition_with_info(model, state, action):
+    out = transition_world_model(model, state, action)
+    return {**out, "info": {"dist": float(np.linalg.norm(out["state"])), "stats": {"x": float(out["state"][0])}}}
+
+
+def batched_transition_with_info(model, state, action):
+    out = batched_transition(model, state, action)
+    return {**out, "info": {"dist": np.linalg.norm(out["state"], axis=1).astype(np.float64),
+                            "stats": {"x": out["state"][:, 0].astype(np.float64)}}}
+
+
+def assert_same_final_info(expected, got, finished):
+    assert set(expected) == set(got)
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            assert_same_final_info(value, got[key], finished)
+        elif key.startswith("_"):
+            np.testing.assert_array_equal(value, finished)
+            np.testing.assert_array_equal(np.asarray(got[key]), finished)
+        else:
+            np.testing.assert_allclose(np.asarray(got[key]), value, rtol=1e-5, atol=1e-6)
+
+
+def test_same_step_final_info_matches_sync_vector_env():
+    n = 5
+    sync = gym.vector.SyncVectorEnv([lambda: single(transition_fn=transition_with_info)] * n,
+                                    autoreset_mode=AutoresetMode.SAME_STEP)
+    vec = batched(n, transition_fn=batched_transition_with_info, autoreset_mode=AutoresetMode.SAME_STEP)
+    sync.reset(seed=3)
+    vec.reset(seed=3)
+    rng = np.random.default_rng(0)
+    partial = 0
+    for _ in range(80):
+        actions = rng.integers(0, 3, size=n)
+        *_, te, tr, i1 = sync.step(actions)
+        *_, i2 = vec.step(actions)
+        finished = te | tr
+        assert ("final_info" in i1) == ("final_info" in i2) == finished.any()
+        if finished.any():
+            partial += int(not finished.all())
+            np.testing.assert_array_equal(i2["_final_info"], finished)
+            assert_same_final_info(i1["final_info"], i2["final_info"], finished)
+    assert partial >= 3  # steps where only some rows finished
+
+
+def test_same_step_final_info_torch_output():
+    def transition_fn(model, state, action):
+        out = torch_transition(model, state, action)
+        return {**out, "info": {"dist": -out["reward"]}}
+
+    vec = batched(6, reset_fn=torch_reset, transition_fn=transition_fn, action_transform_fn=None, output="torch",
+                  autoreset_mode=AutoresetMode.SAME_STEP, max_episode_steps=4)
+    vec.reset(seed=0)
+    for t in range(8):
+        *_, te, tr, info = vec.step(torch.full((6,), t % 3))
+    finished = te | tr
+    assert finished.all()
+    assert torch.equal(info["final_info"]["_dist"], finished)
+    torch.testing.assert_close(info["final_info"]["dist"], torch.linalg.norm(info["final_obs"], dim=1))
