@@ -664,14 +664,24 @@ class Imagination:
         self.start, self.halt, self.gamma, self.sample_noise = start, float(halt), float(gamma), bool(sample_noise)
 
     def batched_reset_fn(self, model, seed=None, options=None):
-        """One row per seed; torch tensors on model.device."""
+        """One row per seed; torch tensors on model.device.
+
+        options={"states": obs_batch} starts the rows at those observations (one per row, e.g. real states for
+        MBPO's branched rollouts) instead of drawing them from the start/buffer pool; the seeds still seed the rows'
+        member draws. Autoresets pass no options, so later episodes of a row start from the pool again."""
         if seed is None:
             seed = np.random.randint(0, 2**31 - 1, size=(1,))
+        s = torch.as_tensor(_seed_to_rng_state(np.asarray(seed).reshape(-1)), device=model.device)
+        if options and options.get("states") is not None:
+            obs = torch.as_tensor(_to_numpy(options["states"]), dtype=torch.float32, device=model.device)
+            obs = obs.reshape(-1, model.obs_dim).clone()
+            if len(obs) != len(s):
+                raise ValueError(f"reset options['states'] has {len(obs)} rows for {len(s)} envs; pass one per env")
+            return {"state": {"obs": obs, "rng": s}, "observation": obs}
         pool = model.start_obs if self.start == "start" else model.buffer_obs
         if len(pool) == 0:
             raise ValueError(f"the world model has no stored {self.start!r} states: fit it with fit_world_model() "
                              "or load a checkpoint written by save_world_model()")
-        s = torch.as_tensor(_seed_to_rng_state(np.asarray(seed).reshape(-1)), device=model.device)
         s, idx = _draw_index(s, len(pool))
         obs = pool[idx].clone()
         return {"state": {"obs": obs, "rng": s}, "observation": obs}
@@ -1076,16 +1086,16 @@ def load_world_model(path, device="cpu", env_id=None):
 # The entries every script uses
 # ----------------------------------------------------------------------------------------------------------------
 def load_or_fit_world_model(env_id, world_model_path=None, initial_real_steps=2000, seed=1, device="cpu",
-                            writer=None, log=print):
+                            writer=None, log=print, policy=None):
     """The world model a script starts from: the checkpoint at `world_model_path` (checked against `env_id`),
-    else a new model fitted on `initial_real_steps` uniform-random real transitions.
+    else a new model fitted on `initial_real_steps` real transitions of `policy` (None: uniform random actions).
     Returns (model, buffer, real_env_steps): the real data to extend in Dyna rounds (None for a checkpoint saved
     without its data) and the real transitions spent on the model so far (counted honestly for a checkpoint too)."""
     if world_model_path is not None:
         model = load_world_model(world_model_path, device=str(device), env_id=env_id)
         return model, model.buffer, checkpoint_real_steps(model)
     log(f"collecting {initial_real_steps} random real transitions and fitting a world model")
-    buffer = collect_transitions(env_id, initial_real_steps, seed=seed)
+    buffer = collect_transitions(env_id, initial_real_steps, seed=seed, policy=policy)
     model, metrics = fit_world_model(buffer, seed=seed, device=str(device), writer=writer)
     log(f"world model fitted on {len(buffer)} transitions in {metrics['seconds']:.1f}s ({metrics['epochs']} epochs)")
     return model, buffer, len(buffer)
@@ -1098,8 +1108,19 @@ def dyna_round(model, buffer, env_id, policy, num_steps, seed, refit_passes=20, 
     Returns (model, buffer, metrics); metrics has `new_real_steps` and the fit's metrics."""
     new = collect_transitions(env_id, num_steps, seed=seed, policy=policy)
     buffer = new if buffer is None else buffer.extend(new)
-    budget = max(1, math.ceil(refit_passes * len(new) / 256))
-    model, metrics = fit_world_model(buffer, model=model, seed=seed, max_updates=budget, writer=writer,
-                                     global_step=global_step)
+    model, metrics = refit_world_model(model, buffer, len(new), seed, refit_passes, writer, global_step)
     return model, buffer, {"new_real_steps": len(new), **metrics}
+
+
+def refit_world_model(model, buffer, num_new, seed, refit_passes=20, writer=None, global_step=0):
+    """The warm refit of a Dyna round, for learners that collect real data themselves (sac_imagined.py): `model`
+    refit in place on all of `buffer` (which already holds the `num_new` new transitions), with a budget of at
+    most as many minibatch updates as `refit_passes` passes over the new data would take. Returns (model, metrics)."""
+    if writer is not None:  # the model as it was, on the data it is about to learn from: where it was wrong
+        import visualize
+
+        newest = buffer.select_episodes(np.unique(buffer.episode_ids[-num_new:]))
+        visualize.write_open_loop(model, newest, writer, global_step, "open_loop_before_refit")
+    budget = max(1, math.ceil(refit_passes * num_new / 256))
+    return fit_world_model(buffer, model=model, seed=seed, max_updates=budget, writer=writer, global_step=global_step)
 
