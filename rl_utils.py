@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+import typing
 
 import gymnasium as gym
 import numpy as np
@@ -165,10 +166,27 @@ class Evaluator:
         if self.reached_at is None and self.target is not None and self.last_real >= self.target:
             self.reached_at = int(real_env_steps)
         if not final:
-            self.history.append(entry)
+            self.history.append(dict(entry))  # without the returns array below
         self.seconds += time.time() - t0
         entry["returns"] = returns
         return entry
+
+
+def held_random_policy(action_space, repeat, seed):
+    """A random exploration policy for collect_transitions: each uniformly drawn action is held for `repeat` calls.
+    Held actions explore further than per-step noise (on Acrobot-v1 they swing the tip up now and then, per-step
+    random actions almost never do); repeat=1 is the uniform random policy."""
+    space = gym.vector.utils.batch_space(action_space, 1)
+    space.seed(seed)
+    held = {"calls": 0, "actions": None}
+
+    def policy(obs_batch):
+        if held["calls"] % repeat == 0 or held["actions"] is None or len(held["actions"]) != len(obs_batch):
+            held["actions"] = np.stack([space.sample()[0] for _ in range(len(obs_batch))])
+        held["calls"] += 1
+        return held["actions"]
+
+    return policy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,3 +245,151 @@ def load_agent(path):
         raise ArgError("--eval-checkpoint", "an agent.pt written by a training script of this collection", path,
                        "A world_model.pt goes to --world-model-path instead.")
     return payload
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dyna driver shared by the library examples (sb3_example.py, torchrl_example.py): the learner's own loop stays in
+# the script; this holds the real-data side between its phases (evaluation, Dyna round, status line, summary)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DynaArgs:
+    """The flags of a Dyna run in imagination that the example scripts share (their Args extend it)."""
+
+    env_id: str = "CartPole-v1"
+    """The real environment the world model imitates and the policy is judged in."""
+    seed: int = 1
+    """The seed of the world-model data and fit, the imagined envs, the agent and the evaluation."""
+    torch_deterministic: bool = True
+    """If toggled, `torch.backends.cudnn.deterministic=True`."""
+    cuda: bool = True
+    """If toggled, cuda is used when available."""
+    num_threads: int = 1
+    """The number of torch threads."""
+    world_model_path: typing.Optional[str] = None
+    """A world_model.pt written by train_world_model.py or by an earlier run; None fits one here."""
+    initial_real_steps: int = 2000
+    """Random-policy real transitions the world model is fitted on when no --world-model-path is given."""
+    real_iterations: int = 4
+    """The number of Dyna rounds, one after each phase of imagined training but the last.
+    A round collects real transitions with the current policy and refits the model (warm, budgeted) on all real data."""
+    real_steps_per_iteration: int = 1000
+    """Real transitions collected per Dyna round."""
+    imagined_horizon: typing.Optional[int] = None
+    """Imagined episodes are truncated (and bootstrapped) after this many steps; None: the real env's time limit."""
+    imagined_start: typing.Literal["buffer", "start"] = "start"
+    """Imagined episodes start from real reset observations (start) or from real states in the model's data."""
+    halt_threshold: float = 0.0
+    """The halt rule's multiple of the ensemble disagreement's 99th percentile on real data (0 turns it off).
+    An imagined step above it ends as terminated with the lowest possible value."""
+    eval_episodes: int = 10
+    """Real-env episodes per evaluation (deterministic actions)."""
+    eval_every: int = 1
+    """Evaluate in the real env after every this many phases (0: only the final evaluation)."""
+    eval_checkpoint: typing.Optional[str] = None
+    """An agent.pt written by this script: replay the run's final real evaluation with its seed, then exit."""
+
+
+def check_dyna_args(args):
+    """The world-model / Dyna / imagination flags every imagined-training script shares."""
+    check_positive(args, "total_timesteps", "initial_real_steps", "eval_episodes", "num_threads")
+    for name in ("real_iterations", "eval_every"):
+        if getattr(args, name) < 0:
+            raise ArgError("--" + name.replace("_", "-"), "an integer >= 0", getattr(args, name))
+    if args.real_iterations > 0:
+        check_positive(args, "real_steps_per_iteration")
+    if args.imagined_horizon is not None and args.imagined_horizon < 1:
+        raise ArgError("--imagined-horizon", "None or an integer >= 1", args.imagined_horizon)
+    if not args.halt_threshold >= 0:
+        raise ArgError("--halt-threshold", "a number >= 0 (0 turns the halt rule off)", args.halt_threshold)
+
+
+def world_model_for(args, device, tag):
+    """wm.load_or_fit_world_model with the run's flags; a bad --world-model-path becomes one clear line.
+    Returns (model, buffer, real_env_steps, seconds)."""
+    t0 = time.time()
+    try:
+        model, buffer, steps = wm.load_or_fit_world_model(args.env_id, args.world_model_path, args.initial_real_steps,
+                                                          args.seed, str(device), log=lambda m: print(f"[{tag}] {m}"))
+    except (FileNotFoundError, ValueError) as e:
+        raise ArgError("--world-model-path", f"a world_model.pt that fits {args.env_id}", args.world_model_path,
+                       str(e)) from None
+    return model, buffer, steps, time.time() - t0
+
+
+class DynaRounds:
+    """args.real_iterations + 1 phases of imagined training with a Dyna round (wm.dyna_round: real data from the
+    current policy, warm refit of the model) after every phase but the last, a real evaluation every
+    args.eval_every phases (and always a final one), the status line and the summary.
+
+    The script runs its learner for `phase_steps(phase)` imagined steps, then calls `end_phase`; at the end
+    `finish` saves the (refit) world model once, evaluates with the run's seed and writes summary.json."""
+
+    def __init__(self, tag, args, model, buffer, real_env_steps, writer, target=None, world_model_seconds=0.0,
+                 start_time=None):
+        self.tag, self.args, self.model, self.buffer, self.writer = tag, args, model, buffer, writer
+        self.real_env_steps, self.num_phases, self.refits = int(real_env_steps), args.real_iterations + 1, 0
+        self.evaluator = Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target)
+        self.timings = {"world_model_seconds": world_model_seconds, "real_collect_seconds": 0.0, "train_seconds": 0.0}
+        self.start_time = time.time() if start_time is None else start_time
+
+    def phase_steps(self, phase, unit=1):
+        """Imagined steps of `phase`: args.total_timesteps split evenly, in whole multiples of `unit`."""
+        units = -(-self.args.total_timesteps // unit)
+        return unit * (units // self.num_phases + (phase < units % self.num_phases))
+
+    def status(self, phase, global_step, imagined_return, sps):
+        print(f"[{self.tag}] iter {phase + 1}/{self.num_phases} step {global_step} imagined_return "
+              f"{fmt(imagined_return)} real_return {fmt(self.evaluator.last_real)} real_steps {self.real_env_steps} "
+              f"gap {fmt(self.evaluator.last_gap)} SPS {int(sps)}", flush=True)
+
+    def end_phase(self, phase, global_step, act_fn, explore_fn):
+        """After phase `phase`: evaluate (act_fn: deterministic) when due, then a Dyna round with explore_fn."""
+        every = self.args.eval_every
+        if every and (phase + 1) % every == 0 and phase < self.num_phases - 1:
+            self.evaluator(act_fn, global_step, self.real_env_steps, model=self.model)
+        if phase < self.num_phases - 1:
+            t0 = time.time()
+            self.model, self.buffer, m = wm.dyna_round(
+                self.model, self.buffer, self.args.env_id, explore_fn, self.args.real_steps_per_iteration,
+                seed=self.args.seed + 1000 * (phase + 1), writer=self.writer, global_step=global_step)
+            self.real_env_steps += m["new_real_steps"]
+            self.refits += 1
+            self.timings["world_model_seconds"] += m["seconds"]
+            self.timings["real_collect_seconds"] += time.time() - t0 - m["seconds"]
+            self.writer.add_scalar("charts/real_env_steps", self.real_env_steps, global_step)
+
+    def finish(self, act_fn, global_step, run_dir, agent_path=None, scale=None, extra=None):
+        """Saves the world model (when refit here or fitted here), runs the final evaluation, writes summary.json
+        (with the script's `extra` keys) and prints the last lines. Returns the summary."""
+        args, model_path = self.args, self.args.world_model_path
+        if args.world_model_path is None or self.refits:
+            model_path = os.path.join(run_dir, "world_model.pt")
+            wm.save_world_model(self.model, model_path, extra={"real_env_steps": self.real_env_steps},
+                                buffer=self.buffer)
+        final = self.evaluator(act_fn, global_step, self.real_env_steps, model=self.model, final=True)
+        seen = [abs(e["real_return_mean"]) for e in self.evaluator.history + [final]]
+        summary = {
+            "algo": self.tag, "env_id": args.env_id, "seed": args.seed, "world_model": "learned",
+            "world_model_path": model_path, "real_return_mean": final["real_return_mean"],
+            "real_return_std": final["real_return_std"], "real_returns": final["returns"],
+            "eval_episodes": args.eval_episodes, "real_env_steps": self.real_env_steps,
+            "eval_env_steps": self.evaluator.env_steps, "imagined_steps": int(global_step),
+            "imagined_return_mean": final["imagined_return_mean"], "imagined_minus_real": final["imagined_minus_real"],
+            "real_return_scale": scale if scale else max(seen), "wall_seconds": time.time() - self.start_time,
+            **self.timings, "eval_seconds": self.evaluator.seconds, "target_return": self.evaluator.target,
+            "real_env_steps_to_target": self.evaluator.reached_at, "agent_path": agent_path, "run_dir": run_dir,
+            "eval_history": self.evaluator.history, **(extra or {}),
+        }
+        self.writer.close()
+        finish_run(self.tag, run_dir, summary)
+        return summary
+
+
+def replay_final_evaluation(tag, path, payload, act_fn):
+    """--eval-checkpoint: the run's own final real evaluation again (same env, episodes and seeds)."""
+    a = payload["args"]
+    seed = Evaluator(a["env_id"], a["seed"], a["eval_episodes"], writer=None).episode_seed(0)
+    returns, _ = wm.evaluate_in_real_env(act_fn, a["env_id"], a["eval_episodes"], seed)
+    print(f"[{tag}] {path}: real return {returns.mean():.1f} +/- {returns.std():.1f} over {len(returns)} episodes "
+          f"of {a['env_id']} (seed {a['seed']})")
+    return returns
