@@ -85,6 +85,11 @@ class Args:
     half the episodes end by termination, half by this limit, so both autoreset paths run while timing"""
     seed: int = 0
     """seed for model weights, env resets and the fixed actions"""
+    sb3_vecenv: bool = False
+    """run only the SB3 section instead: sb3_example.WorldModelSB3VecEnv (one batched model call per step) against
+    SB3's DummyVecEnv of single WorldModelEnvs, both on the reference EnsembleWorldModel (CartPole-v1), at --sb3-sizes"""
+    sb3_sizes: tuple[int, ...] = (1, 16, 64, 256)
+    """numbers of envs N for the SB3 section"""
 
 
 HEADLINE_N = 256
@@ -549,5 +554,70 @@ def main(args: Args) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# SB3 section (--sb3-vecenv): what the batched SB3 VecEnv adapter of sb3_example.py buys over N single envs
+# ---------------------------------------------------------------------------------------------------------------
+def sb3_case(name: str, venv, actions: np.ndarray, seed: int) -> Case:
+    venv.seed(seed)
+    venv.reset()
+
+    def run(iters: int) -> None:
+        for _ in range(iters):
+            venv.step(actions)
+
+    return Case(name, run, venv.num_envs, close=venv.close)
+
+
+def sb3_vecenv_main(args: Args) -> dict:
+    """Steps/s of WorldModelSB3VecEnv and of DummyVecEnv([WorldModelEnv] * N) with the same model and actions,
+    measured --repeats times interleaved; the speed-up is the median of the per-repeat ratios."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    import world_model as wm
+    from sb3_example import WorldModelSB3VecEnv
+
+    args = check_args(args)
+    if not args.sb3_sizes or any(n < 1 for n in args.sb3_sizes):
+        raise SystemExit(f"benchmark.py: --sb3-sizes expected one or more env counts >= 1, got {args.sb3_sizes!r}.")
+    torch.set_num_threads(args.threads)
+    wall_start = time.perf_counter()
+    # the weights do not change the cost of a step: a short fit on a little real data is enough
+    data = wm.collect_transitions("CartPole-v1", 500, seed=args.seed)
+    model, _ = wm.fit_world_model(data, seed=args.seed, max_epochs=1)
+    print(f"benchmark --sb3-vecenv: EnsembleWorldModel (CartPole-v1, {model.ensemble_size} members, "
+          f"{model.num_layers}x{model.hidden_size}), {args.threads} torch thread(s), repeats={args.repeats}, "
+          f"min_time={args.min_time}s\n", flush=True)
+    lines = ["| N | WorldModelSB3VecEnv | DummyVecEnv of WorldModelEnv | speed-up |", "|---|---|---|---|"]
+    table = {}
+    for n in sorted(set(args.sb3_sizes)):
+        actions = np.random.default_rng(args.seed).integers(0, 2, size=n)  # fixed: the policy is not measured
+        adapter = WorldModelSB3VecEnv(wm.make_imagined_vector_env(
+            model, n, seed=args.seed, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
+        dummy = DummyVecEnv([partial(wm.make_imagined_env, model) for _ in range(n)])
+        cases = [sb3_case("adapter", adapter, actions, args.seed), sb3_case("dummy", dummy, actions, args.seed)]
+        try:
+            rates = measure(cases, args.repeats, args.min_time)
+        finally:
+            for case in cases:
+                case.close()
+        table[str(n)] = {"adapter": statistics.median(rates["adapter"]), "dummy": statistics.median(rates["dummy"]),
+                         "speedup": median_ratio(rates, "adapter", "dummy")}
+        row = table[str(n)]
+        lines.append(f"| {n} | {fmt_rate(row['adapter'])} | {fmt_rate(row['dummy'])} | {row['speedup']:.1f}x |")
+        print(lines[-1], flush=True)
+    print("\nSteps/s (one vector step of N envs counts N; medians); speed-up: median of per-repeat ratios.\n")
+    print("\n".join(lines))
+    wall = time.perf_counter() - wall_start
+    print(f"\nwall time {wall:.1f}s")
+    summary = {"sb3_vecenv": table, "settings": {"repeats": args.repeats, "min_time": args.min_time,
+                                                 "threads": args.threads, "sizes": sorted(set(args.sb3_sizes))},
+               "wall_time_s": wall}
+    if args.json:
+        write_json_atomic(args.json, summary)
+        print(f"wrote {args.json}")
+    return summary
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli_args = tyro.cli(Args)
+    sb3_vecenv_main(cli_args) if cli_args.sb3_vecenv else main(cli_args)

@@ -1,16 +1,18 @@
-"""Tests for sb3_example.py and torchrl_example.py.
+"""Tests for sb3_example.py and torchrl_example.py (and benchmark.py's --sb3-vecenv section).
 
 * SB3: check_env on WorldModelEnv; the WorldModelSB3VecEnv adapter honours the SB3 VecEnv contract (shapes, dtypes,
   same-step autoreset with infos[i]["terminal_observation"], "TimeLimit.truncated" only for time limits, seeding)
-  and behaves exactly like DummyVecEnv of single WorldModelEnvs; PPO/DQN run on it.
+  and behaves exactly like DummyVecEnv of single WorldModelEnvs.
 * TorchRL: GymWrapper around the batched env passes check_env_specs; a truncated step keeps the true final
   observation, is not "terminated", and GAE bootstraps it with V(final obs) while a terminated step is not.
-* Both scripts run end to end with a tiny budget and write summary.json with the agreed keys.
+* Both scripts run end to end with tiny budgets on CartPole-v1 (Discrete) and Pendulum-v1 (Box) and write
+  summary.json; bad input (Dict observations, MultiDiscrete actions, --algo dqn on Box actions, a missing
+  --world-model-path) ends with one clear line and leaves no run dir.
 """
-
 import json
 import logging
 import os
+import runpy
 import subprocess
 import sys
 
@@ -22,14 +24,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import sb3_example  # noqa: E402
+import benchmark  # noqa: E402
 import torchrl_example  # noqa: E402
-import train_world_model as twm  # noqa: E402
+import world_model as wm  # noqa: E402
 from sb3_example import WorldModelSB3VecEnv  # noqa: E402
-from world_model_env import WorldModelEnv, WorldModelVectorEnv  # noqa: E402
+from world_model_env import WorldModelVectorEnv  # noqa: E402
 
 SAME, NEXT = gym.vector.AutoresetMode.SAME_STEP, gym.vector.AutoresetMode.NEXT_STEP
-SUMMARY_KEYS = {"real_return_mean", "real_return_std", "real_env_steps", "imagined_steps", "wall_seconds"}
+SUMMARY_KEYS = {"algo", "env_id", "seed", "world_model", "world_model_path", "real_return_mean", "real_return_std",
+                "real_returns", "eval_episodes", "real_env_steps", "eval_env_steps", "imagined_steps",
+                "imagined_return_mean", "imagined_minus_real", "real_return_scale", "wall_seconds",
+                "world_model_seconds", "real_collect_seconds", "eval_seconds", "train_seconds", "target_return",
+                "real_env_steps_to_target", "agent_path", "run_dir", "eval_history"}
 logging.getLogger("torchrl").setLevel(logging.WARNING)
 
 
@@ -42,8 +48,7 @@ class CounterModel:
 
 
 def counter_reset(model, seed=None, options=None):
-    seeds = np.asarray(seed).reshape(-1)
-    obs = np.zeros((len(seeds), 2), np.float32)
+    obs = np.zeros((len(np.asarray(seed).reshape(-1)), 2), np.float32)
     return {"state": obs, "observation": obs.copy()}
 
 
@@ -65,18 +70,17 @@ def counter_vec(term_at, horizon, mode=SAME):
 
 @pytest.fixture(scope="module")
 def tiny_wm():
-    """A tiny but real EnsembleWorldModel (seconds to fit)."""
-    torch.manual_seed(0)
-    data = twm.collect_transitions("CartPole-v1", 400, seed=0)
-    wm, _ = twm.fit_world_model(data, seed=0, max_epochs=2, ensemble_size=2, hidden_size=32, num_layers=2)
-    return wm
+    """A tiny but real EnsembleWorldModel (a second to fit)."""
+    data = wm.collect_transitions("CartPole-v1", 400, seed=0)
+    model, _ = wm.fit_world_model(data, seed=0, max_epochs=2, ensemble_size=2, hidden_size=32, num_layers=2)
+    return model
 
 
 # ---------------------------------------------------------------- SB3
 def test_check_env_on_world_model_env(tiny_wm):
     from stable_baselines3.common.env_checker import check_env
 
-    check_env(twm.make_imagined_env(tiny_wm, seed=0), warn=True)
+    check_env(wm.make_imagined_env(tiny_wm, seed=0), warn=True)
 
 
 def test_sb3_adapter_vecenv_contract():
@@ -88,9 +92,8 @@ def test_sb3_adapter_vecenv_contract():
     for t in (1, 2, 3):
         obs, rewards, dones, infos = venv.step(np.array([1, 0, 1]))
         assert obs.shape == (3, 2) and obs.dtype == np.float32
-        assert rewards.shape == (3,) and rewards.dtype == np.float32
         np.testing.assert_array_equal(rewards, [2.0, 1.0, 2.0])
-        assert dones.shape == (3,) and dones.dtype == bool
+        assert rewards.dtype == np.float32 and dones.shape == (3,) and dones.dtype == bool
         assert isinstance(infos, list) and len(infos) == 3 and all(isinstance(i, dict) for i in infos)
         if t == 2:  # row 0 terminated: final obs in the info, next episode's first obs returned, no bootstrap
             np.testing.assert_array_equal(dones, [True, False, False])
@@ -104,16 +107,11 @@ def test_sb3_adapter_vecenv_contract():
                 np.testing.assert_array_equal(infos[i]["terminal_observation"], [3.0, float(i)])
                 assert infos[i]["TimeLimit.truncated"] is True
                 np.testing.assert_array_equal(obs[i], [0.0, 0.0])
-    # the observations handed to SB3 are its own: writing into them leaves the env untouched
-    obs[:] = 99.0
+    obs[:] = 99.0  # the observations handed to SB3 are its own: writing into them leaves the env untouched
     obs2, *_ = venv.step(np.zeros(3, dtype=np.int64))
     assert obs2[1, 0] == 1.0
-    assert venv.get_attr("render_mode") == [None, None, None]
     assert venv.env_is_wrapped(gym.Wrapper) == [False, False, False]
     venv.close()
-
-
-def test_sb3_adapter_requires_same_step():
     with pytest.raises(ValueError, match="SAME_STEP"):
         WorldModelSB3VecEnv(counter_vec([5, 5], horizon=3, mode=NEXT))
 
@@ -123,9 +121,8 @@ def test_sb3_adapter_matches_dummy_vec_env(tiny_wm):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     n, horizon = 4, 6
-    adapter = WorldModelSB3VecEnv(twm.make_imagined_vector_env(tiny_wm, n, max_episode_steps=horizon,
-                                                               autoreset_mode=SAME))
-    dummy = DummyVecEnv([lambda: twm.make_imagined_env(tiny_wm, max_episode_steps=horizon) for _ in range(n)])
+    adapter = WorldModelSB3VecEnv(wm.make_imagined_vector_env(tiny_wm, n, horizon=horizon, autoreset_mode=SAME))
+    dummy = DummyVecEnv([lambda: wm.make_imagined_env(tiny_wm, horizon=horizon) for _ in range(n)])
     for venv in (adapter, dummy):
         venv.seed(123)
     np.testing.assert_allclose(adapter.reset(), dummy.reset(), atol=1e-5)
@@ -143,56 +140,26 @@ def test_sb3_adapter_matches_dummy_vec_env(tiny_wm):
                 assert a["TimeLimit.truncated"] == b["TimeLimit.truncated"]
 
 
-@pytest.mark.parametrize("algo", ["ppo", "dqn"])
-def test_sb3_algorithms_learn_on_adapter(tiny_wm, algo):
-    import stable_baselines3 as sb3
-    from stable_baselines3.common.vec_env import VecMonitor
-
-    env = VecMonitor(WorldModelSB3VecEnv(twm.make_imagined_vector_env(tiny_wm, 4, max_episode_steps=20,
-                                                                      autoreset_mode=SAME)))
-    if algo == "ppo":
-        agent = sb3.PPO("MlpPolicy", env, n_steps=32, batch_size=64, n_epochs=1, seed=0)
-    else:
-        agent = sb3.DQN("MlpPolicy", env, learning_starts=16, train_freq=4, gradient_steps=1, seed=0)
-    agent.learn(256)
-    assert agent.num_timesteps >= 256
-    assert len(agent.ep_info_buffer) > 0  # VecMonitor saw finished imagined episodes through the adapter
-
-
-def test_speedup_measurement(tiny_wm):
-    res = sb3_example.measure_vecenv_speedup(tiny_wm, n_envs=4, steps=5, seed=0, repeats=1)
-    assert res["n_envs"] == 4 and res["adapter_sps"] > 0 and res["dummy_sps"] > 0 and res["speedup"] > 0
-
-
-def test_bad_flags_give_a_clear_error():
-    with pytest.raises(SystemExit, match="--n-envs: expected an integer >= 1, got 0"):
-        sb3_example.validate_args(sb3_example.Args(n_envs=0))
-    with pytest.raises(SystemExit, match="--world-model-path: expected an existing checkpoint file"):
-        sb3_example.validate_args(sb3_example.Args(world_model_path="/nonexistent/world_model.pt"))
-    with pytest.raises(SystemExit, match="--frames-per-batch: expected a multiple of --num-envs"):
-        torchrl_example.validate_args(torchrl_example.Args(num_envs=3, frames_per_batch=1024))
+def test_benchmark_sb3_vecenv_section(tmp_path):
+    out = tmp_path / "sb3.json"
+    summary = benchmark.sb3_vecenv_main(benchmark.Args(sb3_vecenv=True, sb3_sizes=(2,), repeats=1, min_time=0.01,
+                                                       json=str(out)))
+    row = json.loads(out.read_text())["sb3_vecenv"]["2"]
+    assert row == summary["sb3_vecenv"]["2"] and row["adapter"] > 0 and row["dummy"] > 0 and row["speedup"] > 0
 
 
 # ---------------------------------------------------------------- TorchRL
-def test_torchrl_batched_env_specs_and_truncation_bootstrap():
+def test_torchrl_batched_env_specs_and_truncation_bootstrap(monkeypatch):
     from tensordict.nn import TensorDictModule
     from torchrl.envs.utils import check_env_specs
     from torchrl.objectives.value import GAE
 
-    model = CounterModel([2, 100])
-    args = torchrl_example.Args(num_envs=2, imagination_horizon=3)
-    model.max_episode_steps = 3
-
-    # make_torchrl_env builds its vector env through train_world_model; route it to the counter model instead
-    def fake_vector_env(wm, num_envs, seed=None, max_episode_steps=None, autoreset_mode=None, output="numpy"):
-        return counter_vec([2, 100], horizon=max_episode_steps, mode=autoreset_mode)
-
-    orig = torchrl_example.twm.make_imagined_vector_env
-    torchrl_example.twm.make_imagined_vector_env = fake_vector_env
-    try:
-        env = torchrl_example.make_torchrl_env(model, args, seed=0)
-    finally:
-        torchrl_example.twm.make_imagined_vector_env = orig
+    args = torchrl_example.Args(num_envs=2, imagined_horizon=3, gamma=0.5, reward_scale=1.0)
+    # make_torchrl_env builds its vector env through world_model; route it to the counter model instead
+    monkeypatch.setattr(torchrl_example.wm, "make_imagined_vector_env",
+                        lambda model, n, seed=None, horizon=None, autoreset_mode=None, **kw:
+                        counter_vec([2, 100], horizon=horizon, mode=autoreset_mode))
+    env = torchrl_example.make_torchrl_env(CounterModel([2, 100]), args, seed=0)
     assert tuple(env.batch_size) == (2,)
     check_env_specs(env, seed=0)
 
@@ -211,69 +178,113 @@ def test_torchrl_batched_env_specs_and_truncation_bootstrap():
     # GAE with V(obs) = 10 * t, gamma 0.5, lambda 0: advantage = r + gamma * V(s') * (1 - terminated) - V(s)
     critic = TensorDictModule(lambda o: 10.0 * o[..., :1], in_keys=["observation"], out_keys=["state_value"])
     GAE(gamma=0.5, lmbda=0.0, value_network=critic)(td)
-    adv = td["advantage"][..., 0]
-    r = td["next", "reward"][..., 0]
+    adv, r = td["advantage"][..., 0], td["next", "reward"][..., 0]
     assert adv[0, 1].item() == pytest.approx(r[0, 1].item() + 0.0 - 10.0)  # terminated: no bootstrap
     assert adv[1, 2].item() == pytest.approx(r[1, 2].item() + 0.5 * 30.0 - 20.0)  # truncated: V(final obs)
     env.close()
 
 
-def test_torchrl_env_owns_its_observations(tiny_wm):
-    """Regression: TorchRL writes into the observation arrays it receives; the model state must not change."""
-    args = torchrl_example.Args(num_envs=4, imagination_horizon=5)
-    env = torchrl_example.make_torchrl_env(tiny_wm, args, seed=0)
-    td = env.rollout(12, break_when_any_done=False)
-    # after every finished step the next root observation is a fresh start state, not the final state
-    done = td["next", "done"][:, :-1, 0]
-    assert done.any()
-    restarted = td["observation"][:, 1:][done]
-    starts = tiny_wm.start_obs.cpu()
-    assert torch.cdist(restarted, starts).min(dim=1).values.max() < 1e-5
-    assert (td["next", "step_count"] <= 5).all()
-    env.close()
+def test_torchrl_box_actor_stays_in_bounds():
+    """The TanhNormal actor samples (and its mode) lie inside the Box; log-probs are finite."""
+    from tensordict import TensorDict
+    from torchrl.envs.utils import ExplorationType
+
+    obs_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    act_space = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
+    actor, critic = torchrl_example.make_agent(obs_space, act_space, hidden=16)
+    td = actor(TensorDict({"observation": torch.randn(64, 3) * 5}, batch_size=[64]))
+    assert td["action"].shape == (64, 1) and td["action"].abs().max() <= 2.0
+    assert torch.isfinite(td["action_log_prob"]).all()
+    mode = torchrl_example.numpy_policy(actor, ExplorationType.DETERMINISTIC, "cpu")(np.zeros((2, 3), np.float32))
+    assert mode.shape == (2, 1) and np.abs(mode).max() <= 2.0
 
 
 # ---------------------------------------------------------------- end to end, tiny budgets
-def run_script(tmp_path, script, *flags):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    (run_dir,) = list((tmp_path / "runs").iterdir())
+def run_main(monkeypatch, cwd, script, *flags):
+    """Runs the script's __main__ in this process (its imports are already paid for) with cwd as working dir."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *flags])
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+def read_run(cwd):
+    (run_dir,) = list((cwd / "runs").iterdir())
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert SUMMARY_KEYS <= set(summary), summary
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
     assert any(f.name.startswith("events.out.tfevents") for f in run_dir.iterdir())
-    return summary, out.stdout
+    return run_dir, summary
 
 
-TINY_WM = ["--wm-random-steps", "300", "--wm-fit-epochs", "2", "--dyna-iterations", "2", "--dyna-real-steps", "100",
-           "--eval-episodes", "2"]
+TINY = ["--initial-real-steps", "200", "--real-iterations", "1", "--real-steps-per-iteration", "100",
+        "--eval-episodes", "2", "--total-timesteps", "512", "--num-envs", "4"]
+TORCHRL_TINY = ["--frames-per-batch", "128", "--minibatch-size", "64", "--update-epochs", "1"]
 
 
-def test_sb3_example_end_to_end(tmp_path):
-    summary, stdout = run_script(tmp_path, "sb3_example.py", *TINY_WM, "--total-imagined-steps", "512",
-                                 "--n-envs", "4", "--speedup-steps", "5", "--status-every", "128")
-    assert summary["imagined_steps"] >= 512
-    assert summary["real_env_steps"] == 300 + 100
-    assert summary["vecenv_speedup_vs_dummy"] > 0
-    assert "check_env(WorldModelEnv) passed" in stdout and "imagined step" in stdout
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_sb3_example_end_to_end(tmp_path, monkeypatch, capsys, env_id):
+    run_main(monkeypatch, tmp_path, "sb3_example.py", "--env-id", env_id, *TINY)
+    stdout = capsys.readouterr().out
+    run_dir, summary = read_run(tmp_path)
+    assert "check_env(WorldModelEnv) passed" in stdout and "iter 2/2" in stdout
+    assert summary["imagined_steps"] >= 512 and summary["real_env_steps"] == 200 + 100
+    assert len(summary["eval_history"]) == 1 and summary["imagined_minus_real"] is not None
+    # the refit world model carries all its real data; --eval-checkpoint replays the final evaluation exactly
+    assert len(wm.load_world_model(run_dir / "world_model.pt").buffer) == 300
+    if env_id == "CartPole-v1":  # as a separate process, from another working dir
+        replay = subprocess.run([sys.executable, os.path.join(ROOT, "sb3_example.py"), "--eval-checkpoint",
+                                 str(run_dir / "agent.pt")], cwd=tmp_path.parent, capture_output=True, text=True,
+                                timeout=120)
+        assert replay.returncode == 0, replay.stderr[-3000:]
+        expected = f"real return {summary['real_return_mean']:.1f} +/- {summary['real_return_std']:.1f}"
+        assert expected in replay.stdout, replay.stdout
+        # DQN from the saved model without Dyna rounds: its real data is counted, the checkpoint is not rewritten
+        again = tmp_path / "again"
+        again.mkdir()
+        run_main(monkeypatch, again, "sb3_example.py", "--world-model-path", str(run_dir / "world_model.pt"),
+                 "--algo", "dqn", *TINY[6:], "--real-iterations", "0")
+        _, summary2 = read_run(again)
+        assert summary2["sb3_algo"] == "dqn" and summary2["real_env_steps"] == 300
+        assert summary2["world_model_path"] == str(run_dir / "world_model.pt") and summary2["eval_history"] == []
 
-    # the saved (refit) world model loads back; its real data is counted, no new real data without Dyna
-    (run_dir,) = list((tmp_path / "runs").iterdir())
-    # the refit model's checkpoint carries all its real data (random + Dyna), for refits of a later run
-    assert len(twm.load_world_model(run_dir / "world_model.pt").buffer) == 300 + 100
-    again = tmp_path / "again"
-    again.mkdir()
-    summary2, _ = run_script(again, "sb3_example.py", "--world-model-path", str(run_dir / "world_model.pt"),
-                             "--dyna-iterations", "1", "--total-imagined-steps", "256", "--n-envs", "1",
-                             "--eval-episodes", "1", "--algo", "dqn")
-    assert summary2["real_env_steps"] == 300 + 100 and summary2["algo"] == "dqn"
-    assert "vecenv_speedup_vs_dummy" not in summary2  # n_envs 1: nothing to compare
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_torchrl_example_end_to_end(tmp_path, monkeypatch, capsys, env_id):
+    run_main(monkeypatch, tmp_path, "torchrl_example.py", "--env-id", env_id, *TINY, *TORCHRL_TINY)
+    stdout = capsys.readouterr().out
+    run_dir, summary = read_run(tmp_path)
+    assert "check_env_specs passed" in stdout and "iter 2/2" in stdout
+    assert summary["imagined_steps"] >= 512 and summary["real_env_steps"] == 200 + 100
+    assert summary["algo"] == "torchrl_example" and summary["env_id"] == env_id
 
 
-def test_torchrl_example_end_to_end(tmp_path):
-    summary, stdout = run_script(tmp_path, "torchrl_example.py", *TINY_WM, "--total-frames", "512",
-                                 "--frames-per-batch", "128", "--num-envs", "4", "--minibatch-size", "64",
-                                 "--update-epochs", "1")
-    assert summary["imagined_steps"] >= 512
-    assert summary["real_env_steps"] == 300 + 100
-    assert "check_env_specs passed" in stdout and "imagined frames" in stdout
+# ---------------------------------------------------------------- bad input: one clear line, no run dir
+class DictObsEnv(gym.Env):
+    observation_space = gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (2,), np.float32)})
+    action_space = gym.spaces.Discrete(2)
+
+
+class MultiDiscreteEnv(gym.Env):
+    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    action_space = gym.spaces.MultiDiscrete([2, 2])
+
+
+gym.register("TestDictObs-v0", entry_point=DictObsEnv)
+gym.register("TestMultiDiscrete-v0", entry_point=MultiDiscreteEnv)
+
+
+@pytest.mark.parametrize("script", ["sb3_example.py", "torchrl_example.py"])
+@pytest.mark.parametrize("flags, message", [
+    (["--env-id", "TestDictObs-v0"], "--env-id: expected an env with a 1-D Box observation space"),
+    (["--env-id", "TestMultiDiscrete-v0"], "--env-id: expected an env with Discrete actions or Box actions"),
+    (["--world-model-path", "missing/world_model.pt"], "--world-model-path: expected a world_model.pt"),
+    (["--env-id", "Pendulum-v1", "--algo", "dqn"], "--algo: expected ppo or sac for Pendulum-v1's Box actions"),
+    (["--real-iterations", "-1"], "--real-iterations: expected an integer >= 0"),
+])
+def test_bad_input_one_line_and_no_run_dir(tmp_path, monkeypatch, script, flags, message):
+    if "--algo" in flags and script == "torchrl_example.py":
+        pytest.skip("torchrl_example.py has no --algo")
+    with pytest.raises(SystemExit) as exc:
+        run_main(monkeypatch, tmp_path, script, *flags)
+    text = str(exc.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text, text
+    assert not (tmp_path / "runs").exists()
