@@ -1,0 +1,130 @@
+"""Tests for sac_imagined.py: the soft Q target on a crafted batch, branched rollouts (real start states, horizon,
+termination), what reaches the real env and the real replay buffer in runs of the script, tiny end-to-end runs with
+and without a world model, --eval-checkpoint reproducing a run, and bad input that stops with one line and leaves no
+run dir."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import sac_imagined as sac
+import world_model as wm
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sac_imagined.py")
+TINY = ["--total-timesteps", "500", "--initial-real-steps", "250", "--utd-ratio", "1", "--batch-size", "32",
+        "--hidden-size", "32", "--rollout-batch-size", "64", "--imagined-horizon", "2", "--real-steps-per-iteration",
+        "100", "--model-rollout-every", "100", "--eval-every", "125", "--eval-episodes", "2"]
+
+
+def _run(tmp_path, monkeypatch, flags):
+    """Runs the script's __main__ in this process; returns its globals and the run's summary."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *flags])
+    scope = runpy.run_path(SCRIPT, run_name="__main__")
+    (summary,) = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/summary.json")]
+    return scope, summary
+
+
+def test_soft_q_target_bootstraps_truncation_but_not_termination():
+    # row 0: the last step before the time limit / rollout horizon (stored as terminated=0); row 1: a termination
+    rewards, terminated = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])
+    next_q1, next_q2, next_log_prob = torch.tensor([5.0, 5.0]), torch.tensor([3.0, 3.0]), torch.tensor([-1.0, -1.0])
+    y = sac.soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha=0.5, gamma=0.9)
+    torch.testing.assert_close(y, torch.tensor([1.0 + 0.9 * (3.0 + 0.5), 1.0]))
+
+
+@pytest.fixture(scope="module")
+def pendulum_model():
+    torch.set_num_threads(1)  # as the scripts do: the machine's cores are shared
+    data = wm.collect_transitions("Pendulum-v1", 300, seed=0)
+    model, _ = wm.fit_world_model(data, seed=0, max_updates=30)
+    return model, data
+
+
+def test_branched_rollouts_start_from_real_states_and_stop_at_the_horizon(pendulum_model):
+    model, data = pendulum_model
+    starts = data.obs[[3, 50, 120, 7, 260]]
+    envs = wm.make_imagined_vector_env(model, len(starts), horizon=3, start="start")
+    out_of_bounds = lambda obs: np.full((len(obs), 1), 3.0, np.float32)  # Pendulum's bounds are [-2, 2]
+    out = sac.branched_rollouts(envs, out_of_bounds, starts, seed=0)
+    assert len(out["obs"]) == 3 * len(starts)  # no termination here: every row runs exactly its horizon
+    obs, next_obs = out["obs"].reshape(3, 5, -1), out["next_obs"].reshape(3, 5, -1)
+    np.testing.assert_array_equal(obs[0], starts)  # the real states, not the model's start pool
+    np.testing.assert_array_equal(obs[1:], next_obs[:-1])  # each row continues its own rollout
+    assert not out["terminated"].any()  # the horizon is a truncation: bootstrapped
+    assert (out["actions"] == 3.0).all()  # the learner keeps the sampled action; the env saw it clipped
+    # a rollout that terminates (here: every step halts) stops there; the NEXT_STEP reset transition is not returned
+    halting = wm.make_imagined_vector_env(model, len(starts), horizon=3, start="start", halt=1e-9)
+    out = sac.branched_rollouts(halting, out_of_bounds, starts, seed=0)
+    assert len(out["obs"]) == len(starts) and out["terminated"].all()
+    np.testing.assert_array_equal(out["obs"], starts)
+
+
+def test_imagined_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
+    scope, summary = _run(tmp_path, monkeypatch, TINY)
+    assert summary["algo"] == "sac_imagined" and summary["world_model"] == "learned"
+    assert summary["real_env_steps"] == 500 and summary["imagined_steps"] > 0
+    assert summary["imagined_minus_real"] is not None and len(summary["eval_history"]) == 1
+    assert os.path.isfile(summary["world_model_path"]) and os.path.isfile(summary["agent_path"])
+    # the real replay buffer: Pendulum only truncates, and a truncation is stored as not terminated, with its true
+    # final observation (the next row starts the next episode from a reset observation)
+    rb, truncated, episode_ids = scope["rb"], scope["real_truncated"][:500], scope["real_episode_ids"][:500]
+    assert rb.size == 500 and truncated.sum() >= 2 and not rb.terminated[:500].any()
+    new_episode = episode_ids[1:] != episode_ids[:-1]  # also where the world model's random data was cut off
+    assert new_episode[truncated[:-1]].all()
+    for row in np.flatnonzero(new_episode):
+        assert not np.allclose(rb.next_obs[row], rb.obs[row + 1])
+    np.testing.assert_array_equal(rb.next_obs[:499][~new_episode], rb.obs[1:500][~new_episode])
+    saved = wm.load_world_model(summary["world_model_path"])
+    assert len(saved.buffer) == 500 and saved.extra["real_env_steps"] == 500
+    # --eval-checkpoint replays the run's own final evaluation
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--eval-checkpoint", summary["agent_path"]])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert exit_info.value.code == 0
+    assert f"real return {summary['real_return_mean']:.1f} " in capsys.readouterr().out
+
+
+class _ProbeEnv(gym.Wrapper):
+    """Pendulum that records every action it receives."""
+
+    received = []
+
+    def step(self, action):
+        _ProbeEnv.received.append(np.array(action, copy=True))
+        return super().step(action)
+
+
+def test_model_free_run_never_sends_an_action_outside_the_bounds(tmp_path, monkeypatch):
+    gym.register("SacProbePendulum-v0", entry_point=lambda: _ProbeEnv(gym.make("Pendulum-v1")))
+    _ProbeEnv.received.clear()
+    original_sample = gym.spaces.Box.sample
+    monkeypatch.setattr(gym.spaces.Box, "sample", lambda self, *a, **k: 5.0 * original_sample(self, *a, **k))
+    scope, summary = _run(tmp_path, monkeypatch, [
+        *TINY, "--env-id", "SacProbePendulum-v0", "--world-model", "none", "--total-timesteps", "300"])
+    assert summary["world_model"] == "none" and "_model_free" in summary["run_dir"]
+    assert summary["imagined_steps"] == 0 and summary["imagined_minus_real"] is None
+    assert summary["real_env_steps"] == 300
+    received = np.concatenate(_ProbeEnv.received)
+    assert len(received) >= 300 and np.abs(received).max() <= 2.0
+    assert np.abs(scope["rb"].actions[:250]).max() > 2.0  # the random actions were out of bounds, stored as sampled
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--env-id", "CartPole-v1"], "ppo_imagined.py or dqn_imagined.py"),
+    (["--world-model-path", "no_such_world_model.pt"], "--world-model-path"),
+])
+def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
+    result = subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()
