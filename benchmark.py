@@ -65,7 +65,7 @@ class Args:
     """interleaved measurements per variant; the median is reported (default 7, --quick 5)"""
     min_time: Optional[float] = None
     """seconds one measurement should last (default 0.5, --quick 0.15)"""
-    threads: int = 1
+    num_threads: int = 1
     """torch.set_num_threads for the benchmark process and every AsyncVectorEnv worker"""
     sizes: tuple[int, ...] = (1, 16, 256, 1024)
     """numbers of envs N to measure; 256 is always added because the headline ratios are taken there"""
@@ -310,7 +310,7 @@ def build_cases(args: Args, model: MLPWorldModel, model_kwargs: dict, n: int) ->
             envs = make_mlp_vector_env(model, n, args.max_episode_steps, args.seed, output)
             cases.append(vector_case(f"vec_{output}", envs, actions_in, args.seed))
         thunks = [
-            partial(make_mlp_env, model_kwargs, args.max_episode_steps, args.seed + i, args.threads)
+            partial(make_mlp_env, model_kwargs, args.max_episode_steps, args.seed + i, args.num_threads)
             for i in range(n)
         ]
         if args.sync_max_envs is None or n <= args.sync_max_envs:
@@ -411,8 +411,8 @@ def check_args(args: Args) -> Args:
         fail("repeats", "an integer >= 1", args.repeats, "Use e.g. --repeats 5.")
     if not args.min_time > 0:
         fail("min_time", "seconds > 0", args.min_time, "Use e.g. --min-time 0.2.")
-    if args.threads < 1:
-        fail("threads", "an integer >= 1", args.threads, "Use --threads 1 (default) on a shared machine.")
+    if args.num_threads < 1:
+        fail("num-threads", "an integer >= 1", args.num_threads, "Use --num-threads 1 (default) on a shared machine.")
     if not args.sizes or any(n < 1 for n in args.sizes):
         fail("sizes", "one or more env counts >= 1", args.sizes, "Use e.g. --sizes 1 16 256 1024.")
     if args.async_max_envs < 0:
@@ -438,12 +438,12 @@ def write_json_atomic(path: str, obj: dict) -> None:
 def main(args: Args) -> dict:
     args = check_args(args)
     wall_start = time.perf_counter()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.num_threads)
     sizes = sorted(set(args.sizes) | {HEADLINE_N})
     model_kwargs = dict(obs_dim=args.obs_dim, num_actions=args.num_actions, hidden=args.hidden, seed=args.seed)
     model = MLPWorldModel(**model_kwargs)
     print(
-        f"benchmark: torch {torch.__version__}, {args.threads} torch thread(s), {os.cpu_count()} CPUs, "
+        f"benchmark: torch {torch.__version__}, {args.num_threads} torch thread(s), {os.cpu_count()} CPUs, "
         f"repeats={args.repeats}, min_time={args.min_time}s, sizes={sizes}, MLP obs_dim={args.obs_dim} "
         f"actions={args.num_actions} hidden={args.hidden}x2",
         flush=True,
@@ -539,7 +539,7 @@ def main(args: Args) -> dict:
         "mlp_episodes": episodes,
         "model_batching_gain_256_vs_1": batching_gain,
         "settings": {
-            "quick": args.quick, "repeats": args.repeats, "min_time": args.min_time, "threads": args.threads,
+            "quick": args.quick, "repeats": args.repeats, "min_time": args.min_time, "threads": args.num_threads,
             "sizes": sizes, "sync_max_envs": args.sync_max_envs, "async_max_envs": args.async_max_envs,
             "obs_dim": args.obs_dim, "num_actions": args.num_actions, "hidden": args.hidden,
             "max_episode_steps": args.max_episode_steps, "seed": args.seed,
@@ -579,13 +579,13 @@ def sb3_vecenv_main(args: Args) -> dict:
     args = check_args(args)
     if not args.sb3_sizes or any(n < 1 for n in args.sb3_sizes):
         raise SystemExit(f"benchmark.py: --sb3-sizes expected one or more env counts >= 1, got {args.sb3_sizes!r}.")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.num_threads)
     wall_start = time.perf_counter()
     # the weights do not change the cost of a step: a short fit on a little real data is enough
     data = wm.collect_transitions("CartPole-v1", 500, seed=args.seed)
     model, _ = wm.fit_world_model(data, seed=args.seed, max_epochs=1)
     print(f"benchmark --sb3-vecenv: EnsembleWorldModel (CartPole-v1, {model.ensemble_size} members, "
-          f"{model.num_layers}x{model.hidden_size}), {args.threads} torch thread(s), repeats={args.repeats}, "
+          f"{model.num_layers}x{model.hidden_size}), {args.num_threads} torch thread(s), repeats={args.repeats}, "
           f"min_time={args.min_time}s\n", flush=True)
     lines = ["| N | WorldModelSB3VecEnv | DummyVecEnv of WorldModelEnv | speed-up |", "|---|---|---|---|"]
     table = {}
@@ -610,7 +610,7 @@ def sb3_vecenv_main(args: Args) -> dict:
     wall = time.perf_counter() - wall_start
     print(f"\nwall time {wall:.1f}s")
     summary = {"sb3_vecenv": table, "settings": {"repeats": args.repeats, "min_time": args.min_time,
-                                                 "threads": args.threads, "sizes": sorted(set(args.sb3_sizes))},
+                                                 "threads": args.num_threads, "sizes": sorted(set(args.sb3_sizes))},
                "wall_time_s": wall}
     if args.json:
         write_json_atomic(args.json, summary)
