@@ -122,6 +122,8 @@ class Args:
     """If toggled, the run stops (no more real data) once every episode of an evaluation reached --target-return."""
     eval_checkpoint: Optional[str] = None
     """A saved agent (runs/<run>/agent.pt) whose final evaluation is replayed in the real env; nothing is trained."""
+    capture_video: bool = False
+    """Record the final evaluation's real episodes, and one dream-vs-real video, under runs/<run>/videos/."""
 
 
 def make_env(env_id, seed):
@@ -457,6 +459,10 @@ if __name__ == "__main__":
         rl_utils.save_agent(agent_path, {"actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict()},
                             args, model_path, extra={"real_env_steps": real_env_steps})
         final = evaluator(greedy, real_env_steps, real_env_steps, model=model, final=True)
+        if args.capture_video:
+            import visualize
+
+            visualize.capture_videos(greedy, args.env_id, evaluator.episode_seed(0), run_dir, args.eval_episodes, model)
         seen = [abs(e["real_return_mean"]) for e in evaluator.history + [final]]
         summary = {
             "algo": TAG, "env_id": args.env_id, "seed": args.seed, "world_model": args.world_model,
