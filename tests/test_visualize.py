@@ -234,3 +234,30 @@ def test_plot_runs_empty_dir_error(tmp_path):
     with pytest.raises(rl_utils.ArgError, match="does not exist"):
         plot_runs.load_summaries(str(tmp_path / "missing"))
     assert not (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("dqn_imagined.py", ["--total-timesteps", "400", "--num-envs", "4", "--learning-starts", "100"]),
+    ("sac_imagined.py", ["--env-id", "Pendulum-v1", "--total-timesteps", "300", "--initial-real-steps", "200",
+                         "--utd-ratio", "1"]),
+])
+def test_capture_video_flag_writes_real_and_dream_videos(tmp_path, script, flags):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = ["--initial-real-steps", "200", "--real-iterations", "0"] if script == "dqn_imagined.py" else []
+    out = subprocess.run([sys.executable, os.path.join(repo, script), *base, *flags, "--eval-episodes", "2",
+                          "--capture-video"], cwd=tmp_path, env=headless_env(), capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    videos = sorted(p.name for p in (run_dir / "videos").iterdir())
+    assert videos[-1] == "dream_vs_real.mp4" and len(videos) == 3
+    single = frames_of(run_dir / "videos" / videos[0])
+    dream = frames_of(run_dir / "videos" / "dream_vs_real.mp4")
+    assert single[0].shape[1] * 2 <= dream[0].shape[1] and dream[0].shape[0] > single[0].shape[0]
+    # the recorded real episodes are the final evaluation's: one frame per step plus the reset frame
+    lengths = [len(frames_of(run_dir / "videos" / v)) - 1 for v in videos[:2]]
+    if script == "dqn_imagined.py":  # CartPole pays 1 per step: the videos' lengths are the evaluated returns
+        assert lengths == [int(r) for r in summary["real_returns"]]
+    else:  # Pendulum's episodes always run to the 200-step limit
+        assert lengths == [200, 200]
