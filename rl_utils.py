@@ -278,9 +278,10 @@ class DynaArgs:
     """Imagined episodes are truncated (and bootstrapped) after this many steps; None: the real env's time limit."""
     imagined_start: typing.Literal["buffer", "start"] = "start"
     """Imagined episodes start from real reset observations (start) or from real states in the model's data."""
-    halt_threshold: float = 0.0
+    halt_threshold: float = 2.0
     """The halt rule's multiple of the ensemble disagreement's 99th percentile on real data (0 turns it off).
-    An imagined step above it ends as terminated with the lowest possible value."""
+    An imagined step above it ends as terminated with the lowest possible value, so the policy is not drawn to
+    states where the model is wrong."""
     eval_episodes: int = 10
     """Real-env episodes per evaluation (deterministic actions)."""
     eval_every: int = 1

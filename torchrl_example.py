@@ -41,10 +41,6 @@ class Args(rl.DynaArgs):
     None: 150000 for Discrete actions, 400000 for Box actions."""
     num_envs: int = 16
     """The number of imagined envs stepped side by side by one batched model call."""
-    halt_threshold: Optional[float] = None
-    """The halt rule's multiple of the ensemble disagreement's 99th percentile on real data (0 turns it off).
-    An imagined step above it ends as terminated with the lowest possible value.
-    None: 0 for Discrete actions, 2 for Box actions (PPO on Pendulum otherwise exploits model errors)."""
     frames_per_batch: int = 2048
     """Imagined steps per collector batch (all envs together); a multiple of --num-envs."""
     update_epochs: Optional[int] = None
@@ -74,10 +70,8 @@ class Args(rl.DynaArgs):
 
 # Defaults that depend on the action space: CartPole's tuned PPO values / rl-zoo's Pendulum PPO values
 DEFAULTS = {
-    "Discrete": dict(total_timesteps=150_000, update_epochs=20, gamma=0.98, gae_lambda=0.8, reward_scale=1.0,
-                     halt_threshold=0.0),
-    "Box": dict(total_timesteps=400_000, update_epochs=10, gamma=0.9, gae_lambda=0.95, reward_scale=0.1,
-                halt_threshold=2.0),
+    "Discrete": dict(total_timesteps=150_000, update_epochs=20, gamma=0.98, gae_lambda=0.8, reward_scale=1.0),
+    "Box": dict(total_timesteps=400_000, update_epochs=10, gamma=0.9, gae_lambda=0.95, reward_scale=0.1),
 }
 
 
