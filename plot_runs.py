@@ -88,11 +88,11 @@ def evaluation_points(summary):
 
 
 def step_values(xs, ys, grid):
-    """The return of the latest evaluation at or before each grid x; nan before the first and after the last."""
+    """The return of the latest evaluation at or before each grid x; nan before the first. A run that ended (early
+    stop or budget) keeps its final return: it would use no more real data, and dropping it would pull the mean
+    towards the seeds that are still struggling."""
     idx = np.searchsorted(xs, grid, side="right") - 1
-    out = np.where(idx >= 0, ys[np.clip(idx, 0, None)], np.nan)
-    out[grid > xs[-1]] = np.nan
-    return out
+    return np.where(idx >= 0, ys[np.clip(idx, 0, None)], np.nan)
 
 
 def group_curve(summaries, spread="minmax"):
@@ -159,8 +159,8 @@ def curves_figure(summaries, spread="minmax", log_x=True):
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=7, loc="best")
     band = "min..max" if spread == "minmax" else "mean +- std"
-    fig.suptitle(f"Real return against real transitions: mean over seeds, band = {band}, marker = final evaluation",
-                 fontsize=10)
+    fig.suptitle(f"Real return against real transitions\nmean over seeds, band = {band}, marker = final evaluation",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 

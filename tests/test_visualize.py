@@ -178,7 +178,13 @@ def test_plot_runs_step_function():
 
     xs, ys = np.array([100.0, 200.0, 200.0, 400.0]), np.array([1.0, 2.0, 3.0, 4.0])
     np.testing.assert_array_equal(plot_runs.step_values(xs, ys, np.array([50, 100, 150, 200, 399, 400, 500])),
-                                  [np.nan, 1, 1, 3, 3, 4, np.nan])
+                                  [np.nan, 1, 1, 3, 3, 4, 4])  # a finished run keeps its final return
+    # a seed that stopped early at 150 with 9 still counts at 300, where the other seed is evaluated
+    stopped = {"eval_history": [], "real_env_steps": 150, "real_return_mean": 9.0}
+    still = {"eval_history": [{"real_env_steps": 100, "real_return_mean": 1.0}], "real_env_steps": 300,
+             "real_return_mean": 3.0}
+    _, mean, _, _, _ = plot_runs.group_curve([stopped, still])
+    np.testing.assert_array_equal(mean, [1, 5, 6])
     runs = [{"eval_history": [{"real_env_steps": 100, "real_return_mean": 1.0}],
              "real_env_steps": 300, "real_return_mean": 3.0},
             {"eval_history": [{"real_env_steps": 200, "real_return_mean": 5.0}],
