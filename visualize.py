@@ -51,14 +51,6 @@ def new_figure(width, height, dpi=DPI):
     return fig
 
 
-def _publish(tmp, path):
-    """os.replace(tmp, path) with the permissions a plain open() would give (mkstemp makes files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def save_figure(fig, path, dpi=DPI):
     """Writes `fig` as a PNG to `path` atomically (temporary file in the same directory, then os.replace), as a
     256-colour palette image (line plots lose nothing visible; the file is ~3x smaller than RGBA).
@@ -73,7 +65,7 @@ def save_figure(fig, path, dpi=DPI):
     try:
         image = Image.fromarray(figure_to_array(fig, dpi=dpi))
         image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
-        _publish(tmp, path)
+        wm.publish_atomic(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -393,7 +385,7 @@ def record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir, clip=Tru
                     writer.append_data(_even(env.render()))
             finally:
                 writer.close()
-            _publish(tmp, path)
+            wm.publish_atomic(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -523,7 +515,7 @@ def dream_vs_real_video(act_fn, model, env_id, seed, path, horizon=200, policy_o
                         break
         finally:
             writer.close()
-        _publish(tmp, path)
+        wm.publish_atomic(tmp, path)
         tmp = None
     finally:
         if tmp is not None and os.path.exists(tmp):

@@ -48,6 +48,14 @@ def json_safe(obj):
     return obj
 
 
+def publish_atomic(tmp, path):
+    """os.replace(tmp, path) with the permissions a plain open() would give (mkstemp makes files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path, obj):
     """Writes `obj` as JSON to `path` via a temporary file + os.replace, so readers never see a partial file."""
     path = os.fspath(path)
@@ -59,7 +67,7 @@ def write_json_atomic(path, obj):
             json.dump(json_safe(obj), f, indent=2, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish_atomic(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1000,7 +1008,7 @@ def save_torch_atomic(path, payload):
     os.close(fd)
     try:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
+        publish_atomic(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
