@@ -49,7 +49,8 @@ class Args:
     """A world_model.pt to start from (train_world_model.py writes one).
     Without it a model is fitted on --initial-real-steps random real transitions first."""
     imagined_horizon: Optional[int] = None
-    """Imagined episodes are truncated (and bootstrapped) after this many steps (None: the real env's time limit)."""
+    """Imagined episodes are truncated (and bootstrapped with V(final obs)) after this many steps.
+    None: the real env's time limit for Discrete actions, 50 for Box actions (pass the time limit to get it)."""
     imagined_start: Literal["buffer", "start"] = "buffer"
     """Imagined episodes start at states of the real data (`buffer`) or at real reset states (`start`)."""
     halt_threshold: float = 2.0
@@ -121,13 +122,17 @@ class Args:
 # Defaults that depend on the action space, for the flags left unset (None). Box actions follow CleanRL's
 # ppo_continuous_action.py: more epochs over smaller minibatches, normalised observations and rewards scaled by the
 # std of the discounted return (control tasks are far from unit scale: Pendulum's rewards go down to -16 per step and
-# its halt penalty to -1600), and 8 Dyna rounds (2,000 + 8 x 1,000 real steps). Discrete actions keep the settings
-# measured on CartPole (no normalisation: its observations and rewards are already near unit scale).
+# its halt penalty to -1600). Box actions also imagine SHORT episodes (50 steps from real buffer states, truncation
+# bootstrapped with V(final obs), as in MBPO/Dreamer): open-loop 1,000-step imagined episodes let continuous control
+# exploit compounding model error (InvertedPendulum: imagined return ~1,000 while the real one was 58), and short ones
+# keep the value's horizon without trusting long model rollouts. 8 Dyna rounds (2,000 + 8 x 1,000 real steps).
+# Discrete actions keep the settings measured on CartPole (no normalisation: its observations and rewards are
+# already near unit scale; imagined episodes up to the time limit).
 SPACE_DEFAULTS = {
     "Discrete": dict(learning_rate=2.5e-4, num_minibatches=16, update_epochs=4, norm_obs=False, norm_reward=False,
-                     real_iterations=12),
+                     real_iterations=12, imagined_horizon=None),
     "Box": dict(learning_rate=3e-4, num_minibatches=32, update_epochs=10, norm_obs=True, norm_reward=True,
-                real_iterations=8),
+                real_iterations=8, imagined_horizon=50),
 }
 
 

@@ -204,3 +204,9 @@ def test_bad_checkpoint_gives_one_line(tmp_path, monkeypatch):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match=r"^error: --eval-checkpoint:"):
         run(tmp_path, monkeypatch, "--eval-checkpoint", str(tmp_path / "junk.pt"))
+
+
+def test_box_actions_imagine_short_bootstrapped_episodes_and_discrete_ones_the_time_limit():
+    # Box: short imagined episodes against compounding model error (InvertedPendulum); Discrete: unchanged
+    assert ppo_imagined.SPACE_DEFAULTS["Discrete"]["imagined_horizon"] is None
+    assert 1 <= ppo_imagined.SPACE_DEFAULTS["Box"]["imagined_horizon"] <= 100
