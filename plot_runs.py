@@ -122,7 +122,7 @@ def curves_figure(summaries, spread="minmax", log_x=True):
     algos = sorted({s["algo"] for s in summaries})
     ncols = min(3, len(env_ids))
     nrows = int(np.ceil(len(env_ids) / ncols))
-    fig = vis.new_figure(5.2 * ncols, 3.8 * nrows + 0.4)
+    fig = vis.new_figure(5.6 * ncols, 4.6 * nrows + 0.4)
     for k, env_id in enumerate(env_ids):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         runs = [s for s in summaries if s["env_id"] == env_id]
@@ -157,7 +157,7 @@ def curves_figure(summaries, spread="minmax", log_x=True):
         ax.set_ylabel("real return (deterministic policy)", fontsize=8)
         ax.grid(alpha=0.3, which="both" if log_x else "major")
         ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)  # off the curves
     band = "min..max" if spread == "minmax" else "mean +- std"
     fig.suptitle(f"Real return against real transitions\nmean over seeds, band = {band}, marker = final evaluation",
                  fontsize=9)
