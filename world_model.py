@@ -464,7 +464,9 @@ class EnsembleWorldModel(nn.Module):
         self.register_buffer("obs_clip_low", torch.full((self.obs_dim,), -1e6))
         self.register_buffer("obs_clip_high", torch.full((self.obs_dim,), 1e6))
         self.register_buffer("reward_clip", torch.tensor([-1e6, 1e6]))
-        self.register_buffer("reward_min", torch.zeros(()))  # lowest real reward: the halt rule's penalty
+        # lowest real rewards of non-terminal and of terminal steps: the halt rule's lower bound on a return
+        self.register_buffer("reward_min", torch.zeros(()))
+        self.register_buffer("terminal_reward_min", torch.zeros(()))
         # 99th percentile of the members' disagreement on real (obs, action) pairs: the halt rule's unit
         self.register_buffer("disagreement_ref", torch.ones(()))
         if self.discrete:
@@ -518,7 +520,10 @@ class EnsembleWorldModel(nn.Module):
         r = y[:, -1]
         r_width = (r.max() - r.min()).clamp_min(1e-3)
         self.reward_clip.copy_(torch.stack([r.min() - r_width, r.max() + r_width]))
-        self.reward_min.copy_(r.min())
+        # a large penalty that only ends episodes (LunarLander's crash, -100) is paid once, not forever
+        terminal = torch.as_tensor(buffer.terminated, device=dev)
+        self.reward_min.copy_(r[~terminal].min() if (~terminal).any() else torch.zeros(()))
+        self.terminal_reward_min.copy_(r[terminal].min() if terminal.any() else torch.zeros(()))
         self.start_obs = torch.as_tensor(buffer.start_obs, device=dev).clone()
         rng = np.random.default_rng(seed)
         n = min(num_buffer_states, len(buffer))
@@ -657,9 +662,11 @@ class Imagination:
     start: "start" begins imagined episodes at real reset observations, "buffer" at real states from the data.
     halt: the one halt rule every script shares (MOReL's pessimistic MDP). A step whose ensemble disagreement
     exceeds `halt` x the 99th percentile seen on real data leaves the region the model knows: it ends the episode
-    as terminated, with reward min(0, lowest real reward) / (1 - gamma), a lower bound on any real return. On
-    CartPole (rewards 1) that costs what a fall costs; with negative rewards (Pendulum) it is worse than anything
-    real, so a policy is never drawn to the states where the model is wrong. 0 turns it off.
+    as terminated, with reward min(0, lowest non-terminal reward) / (1 - gamma) + min(0, lowest terminal reward),
+    a lower bound on any real return. On CartPole (rewards 1) that costs what a fall costs; with negative rewards
+    (Pendulum) it is worse than anything real, so a policy is never drawn to the states where the model is wrong.
+    A penalty that ends the episode (LunarLander's crash) counts once: counted forever it would swamp the value
+    targets (-10,000 instead of about -300). 0 turns it off.
     sample_noise: sample each member's Gaussian instead of using its mean.
     Each row uses a random member per step (MBPO-style), drawn from a per-row random state seeded by its reset
     seed, so a row's trajectory depends only on its seed and its actions (batched and single envs agree)."""
@@ -709,7 +716,8 @@ class Imagination:
         info = {"disagreement": disagreement}
         if self.halt > 0:
             halted = disagreement > self.halt * model.disagreement_ref
-            reward = torch.where(halted, model.reward_min.clamp(max=0.0) / (1.0 - self.gamma), reward)
+            floor = model.reward_min.clamp(max=0.0) / (1.0 - self.gamma) + model.terminal_reward_min.clamp(max=0.0)
+            reward = torch.where(halted, floor, reward)
             terminated = terminated | halted
             info["halted"] = halted
         return {"state": {"obs": next_obs, "rng": s}, "observation": next_obs, "reward": reward,

@@ -277,6 +277,18 @@ def test_constant_reward_is_exact_and_halt(cartpole_model):
     m.reward_min.fill_(-2.0)  # with negative rewards a halt is worse than any real return
     step = halting.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
     torch.testing.assert_close(step["reward"], torch.full((8,), -20.0))
+    m.terminal_reward_min.fill_(-100.0)  # a crash penalty that ends the episode is paid once, not forever
+    step = halting.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
+    torch.testing.assert_close(step["reward"], torch.full((8,), -120.0))
+
+
+def test_halt_bound_separates_terminal_rewards():
+    buf = wm.TransitionBuffer.from_arrays(
+        np.zeros((4, 4)), [0, 1, 0, 1], [-1.0, -2.0, -100.0, 3.0], np.zeros((4, 4)), [0, 0, 1, 0], [0, 0, 0, 0])
+    model = wm.EnsembleWorldModel(gym.spaces.Box(-5, 5, (4,)), gym.spaces.Discrete(2), ensemble_size=2,
+                                  hidden_size=8, num_layers=1)
+    model.set_statistics(buf)
+    assert float(model.reward_min) == -2.0 and float(model.terminal_reward_min) == -100.0
 
 
 def test_halt_reference_is_the_99th_percentile_on_real_data(cartpole_model, cartpole_buffer):
