@@ -85,8 +85,9 @@ class Args:
     norm_obs: Optional[bool] = None
     """Normalise observations by a running mean/std kept inside the agent (None: on for Box actions only).
     The statistics are saved with the agent, so evaluation uses them."""
-    norm_reward: Optional[bool] = None
-    """Scale rewards by a running std of the discounted return, as NormalizeReward does (None: on for Box actions only)."""
+    norm_reward: bool = True
+    """Scale rewards by a running std of the discounted return, as NormalizeReward does.
+    Unscaled, large returns (LunarLander's crashes, Pendulum's -16 per step) dominate the clipped gradient."""
     norm_adv: bool = True
     """Toggles advantages normalization."""
     clip_coef: float = 0.2
@@ -126,12 +127,14 @@ class Args:
 # bootstrapped with V(final obs), as in MBPO/Dreamer): open-loop 1,000-step imagined episodes let continuous control
 # exploit compounding model error (InvertedPendulum: imagined return ~1,000 while the real one was 58), and short ones
 # keep the value's horizon without trusting long model rollouts. 8 Dyna rounds (2,000 + 8 x 1,000 real steps).
-# Discrete actions keep the settings measured on CartPole (no normalisation: its observations and rewards are
-# already near unit scale; imagined episodes up to the time limit).
+# Discrete actions keep the settings measured on CartPole (raw observations; imagined episodes up to the time limit).
+# Rewards are scaled for every action space (--norm-reward): measured on CartPole seeds 1-3 it turned 500 / 415 / 500
+# with 8,000 / 14,000 / 4,000 real transitions into 500 / 500 / 500 with 7,000 / 6,000 / 6,000, and LunarLander-v3
+# from -876 (below a random policy's -335) into -183.
 SPACE_DEFAULTS = {
-    "Discrete": dict(learning_rate=2.5e-4, num_minibatches=16, update_epochs=4, norm_obs=False, norm_reward=False,
+    "Discrete": dict(learning_rate=2.5e-4, num_minibatches=16, update_epochs=4, norm_obs=False,
                      real_iterations=12, imagined_horizon=None),
-    "Box": dict(learning_rate=3e-4, num_minibatches=32, update_epochs=10, norm_obs=True, norm_reward=True,
+    "Box": dict(learning_rate=3e-4, num_minibatches=32, update_epochs=10, norm_obs=True,
                 real_iterations=8, imagined_horizon=50),
 }
 
