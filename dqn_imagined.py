@@ -126,15 +126,7 @@ class Args:
     """Stop (no more real data, no more training) once every episode of an evaluation reached --target-return."""
 
 
-def make_env(env_id, seed):
-    """The real env (the model-free baseline trains on it)."""
-
-    def thunk():
-        env = gym.make(env_id)
-        env.action_space.seed(seed)
-        return env
-
-    return thunk
+make_env = rl_utils.make_env  # the real env thunk (CleanRL's make_env), shared by the scripts
 
 
 class QNetwork(nn.Module):

@@ -139,14 +139,7 @@ SPACE_DEFAULTS = {
 }
 
 
-def make_env(env_id, seed):
-    """The real env (for the model-free baseline)."""
-    def thunk():
-        env = gym.make(env_id)
-        env.action_space.seed(seed)
-        return env
-
-    return thunk
+make_env = ru.make_env  # the real env thunk (CleanRL's make_env), shared by the scripts
 
 
 class RunningMeanStd(nn.Module):

@@ -65,6 +65,17 @@ def real_env_spaces(env_id, script, actions=("Discrete", "Box")):
     return obs_space, act_space, threshold
 
 
+def make_env(env_id, seed):
+    """CleanRL's thunk for the real env (the model-free baselines, SAC's real steps): its action space seeded."""
+
+    def thunk():
+        env = gym.make(env_id)
+        env.action_space.seed(seed)
+        return env
+
+    return thunk
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -126,13 +125,7 @@ class Args:
     """Record the final evaluation's real episodes, and one dream-vs-real video, under runs/<run>/videos/."""
 
 
-def make_env(env_id, seed):
-    def thunk():
-        env = gym.make(env_id)
-        env.action_space.seed(seed)
-        return env
-
-    return thunk
+make_env = rl_utils.make_env  # the real env thunk (CleanRL's make_env), shared by the scripts
 
 
 class SoftQNetwork(nn.Module):
