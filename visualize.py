@@ -11,7 +11,6 @@ display) and written as mp4 with imageio + imageio-ffmpeg.
   rendered side by side ("dream | real") for the classic control envs whose state can be set.
 """
 import os
-import tempfile
 
 # Headless defaults; an explicit choice of the user (MPLBACKEND, SDL_VIDEODRIVER) is left alone.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -57,20 +56,10 @@ def save_figure(fig, path, dpi=DPI):
     The figure stays open (log it afterwards with `log_figure`). Returns the path."""
     from PIL import Image
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
-    os.close(fd)
-    try:
+    with wm.atomic_path(path, ".png") as tmp:
         image = Image.fromarray(figure_to_array(fig, dpi=dpi))
         image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
-        wm.publish_atomic(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return os.fspath(path)
 
 
 def figure_to_array(fig, dpi=None):
@@ -333,14 +322,6 @@ def _even(frame):
     return frame
 
 
-def _tmp_video_path(path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".mp4", dir=directory)
-    os.close(fd)
-    return tmp
-
-
 def _make_render_env(env_id, where):
     try:
         return gym.make(env_id, render_mode="rgb_array")
@@ -370,26 +351,21 @@ def record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir, clip=Tru
         env = _make_render_env(env_id, "record_real_episodes")
         fps = env.metadata.get("render_fps") or 30
         path = os.path.join(video_dir, f"{safe_id}__episode{i}__seed{seed + i}.mp4")
-        tmp = _tmp_video_path(path)
         try:
-            writer = _video_writer(tmp, fps)
-            try:
-                obs, _ = env.reset(seed=seed + i)
-                writer.append_data(_even(env.render()))
-                steps, done = 0, False
-                while not done and (max_steps is None or steps < max_steps):
-                    obs, r, term, trunc, _ = env.step(_env_action(act_fn, obs, env.action_space, clip))
-                    returns[i] += r
-                    steps += 1
-                    done = term or trunc
+            with wm.atomic_path(path, ".mp4") as tmp:
+                writer = _video_writer(tmp, fps)
+                try:
+                    obs, _ = env.reset(seed=seed + i)
                     writer.append_data(_even(env.render()))
-            finally:
-                writer.close()
-            wm.publish_atomic(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+                    steps, done = 0, False
+                    while not done and (max_steps is None or steps < max_steps):
+                        obs, r, term, trunc, _ = env.step(_env_action(act_fn, obs, env.action_space, clip))
+                        returns[i] += r
+                        steps += 1
+                        done = term or trunc
+                        writer.append_data(_even(env.render()))
+                finally:
+                    writer.close()
         finally:
             env.close()
         paths.append(path)
@@ -465,7 +441,6 @@ def dream_vs_real_video(act_fn, model, env_id, seed, path, horizon=200, policy_o
         raise ValueError(f"dream_vs_real_video: horizon must be >= 1, got {horizon}")
     real = _make_render_env(env_id, "dream_vs_real_video")
     dream = _make_render_env(env_id, "dream_vs_real_video")
-    tmp = None
     try:
         state_from_obs_fn(real)  # the ValueError that says which envs work, before anything else
         wm.check_env_matches(model, real.observation_space, real.action_space, env_id=repr(env_id))
@@ -474,52 +449,48 @@ def dream_vs_real_video(act_fn, model, env_id, seed, path, horizon=200, policy_o
         dream.reset(seed=seed)
         dream_obs = np.asarray(real_obs, dtype=np.float32)
         fps = real.metadata.get("render_fps") or 30
-        tmp = _tmp_video_path(path)
-        writer = _video_writer(tmp, fps)
-        real_rewards, dream_rewards = [], []
-        dream_term_at = None
+        with wm.atomic_path(path, ".mp4") as tmp:
+            writer = _video_writer(tmp, fps)
+            real_rewards, dream_rewards = [], []
+            dream_term_at = None
 
-        def frame(step, real_r, dream_r):
-            set_state_from_obs(dream, dream_obs)
-            right, left = real.render(), dream.render()
-            if dream_term_at is not None:
-                d_status = f"  (model: terminated at step {dream_term_at})"
-            else:
-                d_status = ""
-            texts = [f"dream  step {step}  r {dream_r:+.2f}  return {sum(dream_rewards):.1f}{d_status}",
-                     f"real  step {step}  r {real_r:+.2f}  return {sum(real_rewards):.1f}"]
-            if step == 0:
-                texts = ["dream (world model, ensemble mean)", "real"]
-            strip = _caption(left.shape[1], texts, caption_height)
-            body = np.concatenate([left, right], axis=1)
-            body[:, left.shape[1] - 1: left.shape[1] + 1] = 128  # a grey seam between dream and real
-            return _even(np.concatenate([strip, body], axis=0))
+            def frame(step, real_r, dream_r):
+                set_state_from_obs(dream, dream_obs)
+                right, left = real.render(), dream.render()
+                if dream_term_at is not None:
+                    d_status = f"  (model: terminated at step {dream_term_at})"
+                else:
+                    d_status = ""
+                texts = [f"dream  step {step}  r {dream_r:+.2f}  return {sum(dream_rewards):.1f}{d_status}",
+                         f"real  step {step}  r {real_r:+.2f}  return {sum(real_rewards):.1f}"]
+                if step == 0:
+                    texts = ["dream (world model, ensemble mean)", "real"]
+                strip = _caption(left.shape[1], texts, caption_height)
+                body = np.concatenate([left, right], axis=1)
+                body[:, left.shape[1] - 1: left.shape[1] + 1] = 128  # a grey seam between dream and real
+                return _even(np.concatenate([strip, body], axis=0))
 
-        try:
-            writer.append_data(frame(0, 0.0, 0.0))
-            with torch.no_grad():
-                for step in range(1, horizon + 1):
-                    action = _env_action(act_fn, real_obs if policy_on == "real" else dream_obs, action_space)
-                    real_obs, r, term, trunc, _ = real.step(action)
-                    o, dr, logit, _ = model.predict(torch.as_tensor(dream_obs[None], device=model.device),
-                                                    np.asarray(action)[None])
-                    dream_obs = o[0].cpu().numpy()
-                    if dream_term_at is None and float(logit[0]) > 0:
-                        dream_term_at = step
-                    if isinstance(action_space, gym.spaces.Box) and hasattr(dream.unwrapped, "last_u"):
-                        dream.unwrapped.last_u = float(np.asarray(action).reshape(-1)[0])  # Pendulum's arrow
-                    real_rewards.append(float(r))
-                    dream_rewards.append(float(dr[0]))
-                    writer.append_data(frame(step, float(r), float(dr[0])))
-                    if term or trunc:
-                        break
-        finally:
-            writer.close()
-        wm.publish_atomic(tmp, path)
-        tmp = None
+            try:
+                writer.append_data(frame(0, 0.0, 0.0))
+                with torch.no_grad():
+                    for step in range(1, horizon + 1):
+                        action = _env_action(act_fn, real_obs if policy_on == "real" else dream_obs, action_space)
+                        real_obs, r, term, trunc, _ = real.step(action)
+                        o, dr, logit, _ = model.predict(torch.as_tensor(dream_obs[None], device=model.device),
+                                                        np.asarray(action)[None])
+                        dream_obs = o[0].cpu().numpy()
+                        if dream_term_at is None and float(logit[0]) > 0:
+                            dream_term_at = step
+                        if isinstance(action_space, gym.spaces.Box) and hasattr(dream.unwrapped, "last_u"):
+                            dream.unwrapped.last_u = float(np.asarray(action).reshape(-1)[0])  # Pendulum's arrow
+                        real_rewards.append(float(r))
+                        dream_rewards.append(float(dr[0]))
+                        writer.append_data(frame(step, float(r), float(dr[0])))
+                        if term or trunc:
+                            break
+            finally:
+                writer.close()
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
         real.close()
         dream.close()
     return os.fspath(path), np.asarray(real_rewards), np.asarray(dream_rewards)

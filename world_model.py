@@ -7,6 +7,7 @@ algorithm: real data (`TransitionBuffer`, `collect_transitions`), the model (`En
 atomic checkpoints (`save_world_model`, `load_world_model`), the one entry every script uses to get a model
 (`load_or_fit_world_model`) and to refit it (`dyna_round`), and evaluation in the real env and in imagination.
 """
+import contextlib
 import math
 import os
 import tempfile
@@ -48,30 +49,32 @@ def json_safe(obj):
     return obj
 
 
-def publish_atomic(tmp, path):
-    """os.replace(tmp, path) with the permissions a plain open() would give (mkstemp makes files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path, obj):
-    """Writes `obj` as JSON to `path` via a temporary file + os.replace, so readers never see a partial file."""
+@contextlib.contextmanager
+def atomic_path(path, suffix):
+    """Yields a temporary file name in `path`'s directory; when the block ends without an error the file replaces
+    `path` (os.replace: readers never see half a file) with the permissions a plain open() would give (mkstemp
+    makes files 0600); on an error it is removed. Every file the collection writes goes through here."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(obj), f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_atomic(tmp, path)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(path, obj):
+    """Writes `obj` as JSON to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
 
 
 def _to_numpy(x):
@@ -1008,20 +1011,10 @@ def save_world_model(model, path, extra=None, buffer=None):
 
 
 def save_torch_atomic(path, payload):
-    """torch.save to a temporary file in the same directory, then os.replace: a crash never leaves half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
-    os.close(fd)
-    try:
+    """torch.save, atomically (see `atomic_path`): a crash never leaves half a checkpoint. Returns the path."""
+    with atomic_path(path, ".pt") as tmp:
         torch.save(payload, tmp)
-        publish_atomic(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return os.fspath(path)
 
 
 def checkpoint_real_steps(model) -> int:
