@@ -123,7 +123,10 @@ class Args:
     target_return: Optional[float] = None
     """The real return that counts as solved (default: the env's reward_threshold, 475 for CartPole-v1)."""
     early_stop: bool = True
-    """Stop (no more real data, no more training) once every episode of an evaluation reached --target-return."""
+    """Stop (no more real data, no more training) once the mean real return of --stop-after-evals consecutive
+    evaluations reached --target-return."""
+    stop_after_evals: int = 1
+    """The consecutive evaluations (fresh episodes each) whose mean return must reach --target-return to stop early."""
 
 
 make_env = rl_utils.make_env  # the real env thunk (CleanRL's make_env), shared by the scripts
@@ -194,7 +197,7 @@ if __name__ == "__main__":
     rl_utils.check_positive(args, "total_timesteps", "initial_action_repeat", "real_steps_per_iteration",
                             "imagined_horizon", "num_envs", "learning_rate", "buffer_size", "target_network_frequency",
                             "batch_size", "train_frequency", "gradient_steps", "hidden_size", "num_threads",
-                            "eval_every", "eval_episodes")
+                            "eval_every", "eval_episodes", "stop_after_evals")
     for name in ("real_iterations", "learning_starts", "halt_threshold"):
         if getattr(args, name) < 0:
             raise rl_utils.ArgError("--" + name.replace("_", "-"), "a number >= 0", getattr(args, name))
@@ -317,8 +320,9 @@ if __name__ == "__main__":
               f"real_return {rl_utils.fmt(evaluator.last_real)} real_steps {real_env_steps} "
               f"gap {rl_utils.fmt(evaluator.last_gap if use_model else None)} eps {epsilon:.2f} "
               f"halted {halted / max(kept, 1):.3f} SPS {sps}", flush=True)
-        if args.early_stop and entry is not None and target is not None and entry["returns"].min() >= target:
-            print(f"[dqn_imagined] every episode of the evaluation reached {target}: stopping early", flush=True)
+        if args.early_stop and entry is not None and evaluator.solved(args.stop_after_evals):
+            print(f"[dqn_imagined] the mean return of {args.stop_after_evals} consecutive evaluations reached "
+                  f"{target}: stopping early", flush=True)
             break
 
         # Dyna round: real data from the epsilon-greedy policy, then a warm refit of the world model (in place: the

@@ -145,12 +145,18 @@ class Evaluator:
 
     Each evaluation plays fresh, disjoint real episode seeds; the final one (index 0) uses seeds that depend only
     on the run's seed, so `--eval-checkpoint` reproduces it. `history` goes into summary.json (plot_runs.py reads
-    it); `reached_at` is the real_env_steps of the first evaluation whose mean reached `target`."""
+    it); `reached_at` is the real_env_steps of the first evaluation whose mean reached `target`.
+
+    The stop rule of every script is `solved(n)`: n evaluations in a row whose MEAN return reached `target`.
+    Gymnasium's reward_threshold is defined on the mean over episodes; asking it of consecutive evaluations on fresh
+    episode seeds keeps one lucky evaluation from stopping a run, and the final evaluation (its own seeds) shows
+    whether the policy holds."""
 
     def __init__(self, env_id, seed, episodes, writer, target=None):
         self.env_id, self.seed, self.episodes, self.writer, self.target = env_id, seed, episodes, writer, target
         self.history, self.reached_at, self.seconds, self.env_steps = [], None, 0.0, 0
         self.last_real, self.last_gap = float("nan"), float("nan")
+        self.evals_at_target = 0  # consecutive evaluations whose mean reached the target
 
     def episode_seed(self, index):
         return 10_000 * self.seed + index * self.episodes
@@ -177,10 +183,15 @@ class Evaluator:
         if self.reached_at is None and self.target is not None and self.last_real >= self.target:
             self.reached_at = int(real_env_steps)
         if not final:
+            at_target = self.target is not None and self.last_real >= self.target
+            self.evals_at_target = self.evals_at_target + 1 if at_target else 0
             self.history.append(dict(entry))  # without the returns array below
         self.seconds += time.time() - t0
         entry["returns"] = returns
         return entry
+
+    def solved(self, consecutive):
+        return self.evals_at_target >= consecutive
 
 
 def held_random_policy(action_space, repeat, seed):

@@ -118,7 +118,10 @@ class Args:
     """The real return that counts as solved; None means the env's `reward_threshold` (none for Pendulum-v1).
     The summary records the real steps used when an evaluation first reached it."""
     early_stop: bool = True
-    """If toggled, the run stops (no more real data) once every episode of an evaluation reached --target-return."""
+    """If toggled, the run stops (no more real data) once the mean real return of --stop-after-evals consecutive
+    evaluations reached --target-return."""
+    stop_after_evals: int = 1
+    """The consecutive evaluations (fresh episodes each) whose mean return must reach --target-return to stop early."""
     eval_checkpoint: Optional[str] = None
     """A saved agent (runs/<run>/agent.pt) whose final evaluation is replayed in the real env; nothing is trained."""
     capture_video: bool = False
@@ -239,7 +242,7 @@ if __name__ == "__main__":
     rl_utils.check_positive(args, "total_timesteps", "initial_real_steps", "real_steps_per_iteration",
                             "model_rollout_every", "rollout_batch_size", "imagined_horizon", "model_retain_rollouts",
                             "utd_ratio", "batch_size", "policy_frequency", "target_network_frequency",
-                            "eval_episodes", "num_threads", "hidden_size")
+                            "eval_episodes", "num_threads", "hidden_size", "stop_after_evals")
     if not 0.0 <= args.real_ratio <= 1.0:
         raise rl_utils.ArgError("--real-ratio", "a fraction in [0, 1]", args.real_ratio)
     if not args.halt_threshold >= 0:
@@ -438,8 +441,9 @@ if __name__ == "__main__":
                       f"{rl_utils.fmt(entry.get('imagined_return_mean'))} gap {rl_utils.fmt(evaluator.last_gap)} "
                       f"real_steps {real_env_steps} imagined_steps {imagined_steps} updates {num_updates} "
                       f"SPS {int((step + 1) / (time.time() - loop_start))}", flush=True)
-                if args.early_stop and target is not None and bool((entry["returns"] >= target).all()):
-                    print(f"[{TAG}] every evaluation episode reached the target {target}: stopping", flush=True)
+                if args.early_stop and evaluator.solved(args.stop_after_evals):
+                    print(f"[{TAG}] the mean return of {args.stop_after_evals} consecutive evaluations reached "
+                          f"{target}: stopping", flush=True)
                     break
         env.close()
 

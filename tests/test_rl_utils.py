@@ -1,0 +1,42 @@
+"""rl_utils.Evaluator's stop rule: consecutive evaluations whose MEAN real return reached the target."""
+import numpy as np
+
+import rl_utils
+import world_model as wm
+
+
+class _Writer:
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+
+def test_solved_counts_consecutive_evaluations_whose_mean_reached_the_target(monkeypatch):
+    planned = iter([
+        [480.0, 480.0],  # mean 480 >= 475: one at target
+        [500.0, 300.0],  # mean 400: the streak is broken
+        [500.0, 460.0],  # mean 480 although one episode is below 475: counts (the threshold is on the mean)
+        [475.0, 475.0],  # exactly the target counts
+        [10.0, 10.0],    # the final evaluation: never part of the streak
+    ])
+
+    def fake_eval(act_fn, env_id, episodes, seed):
+        returns = np.array(next(planned))
+        return returns, np.ones_like(returns, dtype=np.int64)
+
+    monkeypatch.setattr(wm, "evaluate_in_real_env", fake_eval)
+    evaluator = rl_utils.Evaluator("CartPole-v1", seed=1, episodes=2, writer=_Writer(), target=475.0)
+    solved = []
+    for _ in range(4):
+        evaluator(lambda obs: obs, global_step=0, real_env_steps=0)
+        solved.append((evaluator.solved(1), evaluator.solved(2)))
+    assert solved == [(True, False), (False, False), (True, False), (True, True)]
+    evaluator(lambda obs: obs, global_step=0, real_env_steps=0, final=True)
+    assert evaluator.solved(2) and evaluator.evals_at_target == 2
+    assert evaluator.reached_at == 0 and len(evaluator.history) == 4
+
+
+def test_without_a_target_nothing_is_solved(monkeypatch):
+    monkeypatch.setattr(wm, "evaluate_in_real_env", lambda *a: (np.array([1e9]), np.array([1])))
+    evaluator = rl_utils.Evaluator("Pendulum-v1", seed=1, episodes=1, writer=_Writer(), target=None)
+    evaluator(lambda obs: obs, global_step=0, real_env_steps=0)
+    assert not evaluator.solved(1)
