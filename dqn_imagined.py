@@ -1,4 +1,5 @@
-"""Double DQN trained inside a learned world model (Dyna-style), judged in the real env (CleanRL-style single file).
+"""Double DQN with n-step targets trained inside a learned world model (Dyna-style), judged in the real env
+(CleanRL-style single file).
 
     python dqn_imagined.py                                         # CartPole-v1: fit a world model, DQN in imagination
     python dqn_imagined.py --env-id Acrobot-v1
@@ -12,6 +13,7 @@ from the epsilon-greedy policy and a warm refit of the world model. Imagined ste
 knows end as terminations with the lowest possible value (the world model's halt rule, --halt-threshold).
 """
 import atexit
+import collections
 import json
 import os
 import sys
@@ -92,6 +94,9 @@ class Args:
     """The replay memory buffer size."""
     gamma: float = 0.99
     """The discount factor gamma."""
+    n_step: int = 3
+    """Multi-step TD targets over this many steps (1: CleanRL's one-step target), cut where the episode ends.
+    They carry reward back n steps per update, across Acrobot's long swing-up and CartPole's ~100-step values."""
     tau: float = 1.0
     """The target network update rate (1.0 is a hard copy)."""
     target_network_frequency: int = 128
@@ -162,14 +167,31 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int):
     return max(slope * t + start_e, end_e)
 
 
+def n_step_rows(window, gamma):
+    """The multi-step transitions that start at the oldest vector step in `window` (a deque of (obs, actions,
+    rewards, next_obs, terminations, truncations, valid) per vector step). Per row: the discounted reward sum up to
+    the step where its episode ended (terminated or truncated) or the window does, and next_obs, terminated and
+    gamma**steps of that step. Rows that were NEXT_STEP reset steps at the oldest step are left out."""
+    obs, actions, _, _, _, _, valid = window[0]
+    rewards, discounts = np.zeros(len(obs), np.float32), np.ones(len(obs), np.float32)
+    next_obs, terminated, running = np.zeros_like(obs), np.zeros(len(obs), bool), np.ones(len(obs), bool)
+    for _, _, r, nxt, term, trunc, _ in window:
+        rewards[running] += discounts[running] * r[running]
+        discounts[running] *= gamma
+        next_obs[running], terminated[running] = nxt[running], term[running]
+        running &= ~(term | trunc)  # the next step of a finished row is a reset step: never crossed
+    return obs[valid], actions[valid], rewards[valid], next_obs[valid], terminated[valid], discounts[valid]
+
+
 @torch.no_grad()
-def td_target(q_network, target_network, rewards, next_obs, terminated, gamma):
-    """Double DQN: r + gamma * (1 - terminated) * Q_target(s', argmax_a Q_online(s', a)).
-    next_obs is the true next observation, also for a finished episode; only a termination cuts the bootstrap,
-    a truncation (never stored as terminated) is bootstrapped."""
+def td_target(q_network, target_network, rewards, next_obs, terminated, discounts):
+    """Double DQN: r + discount * (1 - terminated) * Q_target(s', argmax_a Q_online(s', a)), where r is the n-step
+    reward sum and discount gamma**n (fewer steps where the episode ended). next_obs is the true next observation,
+    also for a finished episode; only a termination cuts the bootstrap, a truncation (never stored as terminated)
+    is bootstrapped."""
     next_actions = q_network(next_obs).argmax(dim=1, keepdim=True)
     next_values = target_network(next_obs).gather(1, next_actions).squeeze(1)
-    return rewards + gamma * (1.0 - terminated) * next_values
+    return rewards + discounts * (1.0 - terminated) * next_values
 
 
 def evaluate_checkpoint(path):
@@ -197,7 +219,7 @@ if __name__ == "__main__":
     rl_utils.check_positive(args, "total_timesteps", "initial_action_repeat", "real_steps_per_iteration",
                             "imagined_horizon", "num_envs", "learning_rate", "buffer_size", "target_network_frequency",
                             "batch_size", "train_frequency", "gradient_steps", "hidden_size", "num_threads",
-                            "eval_every", "eval_episodes", "stop_after_evals")
+                            "n_step", "eval_every", "eval_episodes", "stop_after_evals")
     for name in ("real_iterations", "learning_starts", "halt_threshold"):
         if getattr(args, name) < 0:
             raise rl_utils.ArgError("--" + name.replace("_", "-"), "a number >= 0", getattr(args, name))
@@ -257,6 +279,7 @@ if __name__ == "__main__":
 
     obs, _ = envs.reset(seed=args.seed)
     prev_done = np.zeros(args.num_envs, dtype=bool)
+    window = collections.deque(maxlen=args.n_step)  # the last n vector steps, for the n-step rows
     for iteration in range(1, num_phases + 1):
         phase_start = time.time()
         halted = kept = 0
@@ -276,7 +299,10 @@ if __name__ == "__main__":
             # reward 0): not a transition, never stored. At a finishing step next_obs is the true final observation.
             # The buffer stores `terminated`, not `done`, so a truncated row is bootstrapped from its final obs.
             keep = ~prev_done
-            rb.add(obs[keep], actions[keep], rewards[keep], next_obs[keep], terminations[keep])
+            window.append(tuple(np.array(a, copy=True) for a in (obs, actions, rewards, next_obs, terminations,
+                                                                    truncations, keep)))
+            if len(window) == args.n_step:
+                rb.add(*n_step_rows(window, args.gamma))
             kept += int(keep.sum())
             halted += int(np.sum(infos.get("halted", np.zeros(args.num_envs, bool)) & keep))
             prev_done = terminations | truncations
@@ -285,8 +311,9 @@ if __name__ == "__main__":
             # training: gradient phases of Double DQN on replay samples
             if rb.size >= args.learning_starts and (global_step // args.num_envs) % args.train_frequency == 0:
                 for _ in range(args.gradient_steps):
-                    b_obs, b_actions, b_rewards, b_next_obs, b_terminated = rb.sample(args.batch_size, device)
-                    target_q = td_target(q_network, target_network, b_rewards, b_next_obs, b_terminated, args.gamma)
+                    b_obs, b_actions, b_rewards, b_next_obs, b_terminated, b_discounts = rb.sample(
+                        args.batch_size, device, discounts=True)
+                    target_q = td_target(q_network, target_network, b_rewards, b_next_obs, b_terminated, b_discounts)
                     q_taken = q_network(b_obs).gather(1, b_actions.view(-1, 1)).squeeze(1)
                     loss = F.smooth_l1_loss(q_taken, target_q)
                     optimizer.zero_grad()

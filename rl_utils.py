@@ -215,7 +215,8 @@ def held_random_policy(action_space, repeat, seed):
 # Replay buffer (DQN, SAC): stores `terminated`, never `done`, so truncation is bootstrapped
 # ----------------------------------------------------------------------------------------------------------------
 class ReplayBuffer:
-    """A ring buffer of (obs, action, reward, next_obs, terminated); `next_obs` is the true next observation."""
+    """A ring buffer of (obs, action, reward, next_obs, terminated); `next_obs` is the true next observation.
+    Multi-step rows also keep `discounts`, the gamma**k their bootstrap is discounted by (k: the steps they span)."""
 
     def __init__(self, capacity, obs_dim, action_shape=(), action_dtype=np.int64, seed=0):
         self.capacity, self.size, self.pos = int(capacity), 0, 0
@@ -224,23 +225,24 @@ class ReplayBuffer:
         self.actions = np.zeros((capacity, *action_shape), action_dtype)
         self.rewards = np.zeros(capacity, np.float32)
         self.terminated = np.zeros(capacity, np.float32)
+        self.discounts = np.ones(capacity, np.float32)
         self.rng = np.random.default_rng(seed)
 
-    def add(self, obs, actions, rewards, next_obs, terminated):
+    def add(self, obs, actions, rewards, next_obs, terminated, discounts=1.0):
         """Adds a batch of rows."""
         idx = (self.pos + np.arange(len(obs))) % self.capacity
         self.obs[idx], self.actions[idx], self.rewards[idx] = obs, actions, rewards
-        self.next_obs[idx], self.terminated[idx] = next_obs, terminated
+        self.next_obs[idx], self.terminated[idx], self.discounts[idx] = next_obs, terminated, discounts
         self.pos = int(idx[-1] + 1) % self.capacity if len(idx) else self.pos
         self.size = min(self.size + len(idx), self.capacity)
 
     def clear(self):
         self.size = self.pos = 0
 
-    def sample(self, batch_size, device):
+    def sample(self, batch_size, device, discounts=False):
         idx = self.rng.integers(0, self.size, size=batch_size)
-        return tuple(torch.as_tensor(a[idx], device=device)
-                     for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminated))
+        columns = (self.obs, self.actions, self.rewards, self.next_obs, self.terminated)
+        return tuple(torch.as_tensor(a[idx], device=device) for a in columns + ((self.discounts,) if discounts else ()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

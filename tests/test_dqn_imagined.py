@@ -37,8 +37,30 @@ def test_td_target_bootstraps_truncation_but_not_termination():
     online = _linear_q([1.0, -1.0], [0.0, 0.0])  # Q_online(2) = [2, -2]: picks action 0
     target = _linear_q([10.0, 20.0], [0.0, 0.0])  # Q_target(2) = [20, 40]: values action 0 at 20 (not the max 40)
     rewards, next_obs, terminated = torch.tensor([1.0, 1.0]), torch.tensor([[2.0], [2.0]]), torch.tensor([0.0, 1.0])
-    y = dqn.td_target(online, target, rewards, next_obs, terminated, gamma=0.9)
+    y = dqn.td_target(online, target, rewards, next_obs, terminated, torch.tensor([0.9, 0.9]))
     torch.testing.assert_close(y, torch.tensor([1.0 + 0.9 * 20.0, 1.0]))
+
+
+def test_n_step_rows_stop_at_the_end_of_an_episode_and_skip_reset_steps():
+    # 4 rows over a window of 3 vector steps (gamma 0.5), rewards 1, 2, 4 at the three steps:
+    # row 0 runs through: 1 + 0.5*2 + 0.25*4, bootstrapped from the third next_obs with 0.5**3;
+    # row 1 terminates at the second step: 1 + 0.5*2, no bootstrap; row 2 is truncated at the first step: reward 1,
+    # bootstrapped from its final obs with 0.5; row 3 was a NEXT_STEP reset step at the first step: left out.
+    obs = np.arange(4, dtype=np.float32)[:, None]
+    window = []
+    for k, reward in enumerate([1.0, 2.0, 4.0]):
+        term = np.array([False, k == 1, False, False])
+        trunc = np.array([False, False, k == 0, False])
+        valid = np.array([True, True, True, k > 0])
+        window.append((obs + 10 * k, np.full(4, k), np.full(4, reward, np.float32), obs + 10 * (k + 1), term, trunc,
+                       valid))
+    o, a, r, next_obs, terminated, discounts = dqn.n_step_rows(window, gamma=0.5)
+    np.testing.assert_allclose(o[:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(a, [0, 0, 0])
+    np.testing.assert_allclose(r, [1 + 1 + 1, 1 + 1, 1])
+    np.testing.assert_allclose(next_obs[:, 0], [30, 21, 12])
+    np.testing.assert_array_equal(terminated, [False, True, False])
+    np.testing.assert_allclose(discounts, [0.125, 0.25, 0.5])
 
 
 def _run_in_process(tmp_path, monkeypatch, flags):
@@ -46,10 +68,10 @@ def _run_in_process(tmp_path, monkeypatch, flags):
     stored = []
 
     class RecordingReplayBuffer(rl_utils.ReplayBuffer):
-        def add(self, obs, actions, rewards, next_obs, terminated):
+        def add(self, obs, actions, rewards, next_obs, terminated, discounts=1.0):
             stored.append([np.array(x, dtype=np.float64).reshape(len(obs), -1)
                            for x in (obs, actions, rewards, next_obs, terminated)])
-            super().add(obs, actions, rewards, next_obs, terminated)
+            super().add(obs, actions, rewards, next_obs, terminated, discounts)
 
     monkeypatch.setattr(rl_utils, "ReplayBuffer", RecordingReplayBuffer)
     monkeypatch.chdir(tmp_path)
@@ -62,7 +84,7 @@ def _run_in_process(tmp_path, monkeypatch, flags):
 
 def test_model_free_run_stores_exactly_the_real_transitions(tmp_path, monkeypatch):
     obs, actions, rewards, next_obs, terminated, summary = _run_in_process(
-        tmp_path, monkeypatch, [*TINY, "--world-model", "none", "--total-timesteps", "400"])
+        tmp_path, monkeypatch, [*TINY, "--world-model", "none", "--total-timesteps", "400", "--n-step", "1"])
     assert terminated.sum() >= 5  # random CartPole episodes end every ~20 steps: many NEXT_STEP resets happened
     # every stored row is a real CartPole step: replaying (obs, action) gives next_obs and terminated; a reset
     # transition (final obs -> first obs of the next episode) would jump and break this
@@ -82,7 +104,7 @@ def test_imagined_run_never_stores_reset_steps(tmp_path, monkeypatch):
     # a 5-step horizon truncates every imagined episode early; NEXT_STEP reset steps come with reward 0 and
     # terminated False, which no imagined CartPole step has (rewards are exactly 1, a halt is reward 0 + terminal)
     obs, actions, rewards, next_obs, terminated, summary = _run_in_process(
-        tmp_path, monkeypatch, [*TINY, "--imagined-horizon", "5"])
+        tmp_path, monkeypatch, [*TINY, "--imagined-horizon", "5", "--n-step", "1"])
     assert not np.any((rewards == 0.0) & ~terminated)
     assert np.all((rewards == 1.0) | terminated)
     num_steps = summary["global_step"]
