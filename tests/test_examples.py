@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 import benchmark  # noqa: E402
 import torchrl_example  # noqa: E402
 import world_model as wm  # noqa: E402
+from unsupported_envs import DICT_OBS_ID, MULTI_DISCRETE_ID  # noqa: E402
 from sb3_example import WorldModelSB3VecEnv  # noqa: E402
 from world_model_env import WorldModelVectorEnv  # noqa: E402
 
@@ -258,24 +259,12 @@ def test_torchrl_example_end_to_end(tmp_path, monkeypatch, capsys, env_id):
 
 
 # ---------------------------------------------------------------- bad input: one clear line, no run dir
-class DictObsEnv(gym.Env):
-    observation_space = gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (2,), np.float32)})
-    action_space = gym.spaces.Discrete(2)
-
-
-class MultiDiscreteEnv(gym.Env):
-    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
-    action_space = gym.spaces.MultiDiscrete([2, 2])
-
-
-gym.register("TestDictObs-v0", entry_point=DictObsEnv)
-gym.register("TestMultiDiscrete-v0", entry_point=MultiDiscreteEnv)
 
 
 @pytest.mark.parametrize("script", ["sb3_example.py", "torchrl_example.py"])
 @pytest.mark.parametrize("flags, message", [
-    (["--env-id", "TestDictObs-v0"], "--env-id: expected an env with a 1-D Box observation space"),
-    (["--env-id", "TestMultiDiscrete-v0"], "--env-id: expected an env with Discrete actions or Box actions"),
+    (["--env-id", DICT_OBS_ID], "--env-id: expected an env with a 1-D Box observation space"),
+    (["--env-id", MULTI_DISCRETE_ID], "--env-id: expected an env with Discrete actions or Box actions"),
     (["--world-model-path", "missing/world_model.pt"], "--world-model-path: expected a world_model.pt"),
     (["--env-id", "Pendulum-v1", "--algo", "dqn"], "--algo: expected ppo or sac for Pendulum-v1's Box actions"),
     (["--real-iterations", "-1"], "--real-iterations: expected an integer >= 0"),

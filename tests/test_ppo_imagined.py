@@ -20,6 +20,7 @@ SCRIPT = os.path.join(ROOT, "ppo_imagined.py")
 
 import ppo_imagined  # noqa: E402
 from ppo_imagined import gae  # noqa: E402
+from unsupported_envs import DICT_OBS_ID, MULTI_DISCRETE_ID  # noqa: E402
 
 GAMMA = 0.9
 
@@ -170,23 +171,11 @@ def test_box_actions_outside_the_bounds_never_reach_the_real_env(tmp_path, monke
 
 
 # ---------------------------------------------------------------- bad input: one line, the flag, no run dir
-class DictObsEnv(gym.Env):
-    observation_space = gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (2,), np.float32)})
-    action_space = gym.spaces.Discrete(2)
-
-
-class MultiDiscreteEnv(gym.Env):
-    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
-    action_space = gym.spaces.MultiDiscrete([2, 3])
-
-
-gym.register("DictObs-v0", entry_point=DictObsEnv)
-gym.register("MultiDiscreteAct-v0", entry_point=MultiDiscreteEnv)
 
 
 @pytest.mark.parametrize("argv,flag", [
-    (["--env-id", "DictObs-v0"], "--env-id"),
-    (["--env-id", "MultiDiscreteAct-v0"], "--env-id"),
+    (["--env-id", DICT_OBS_ID], "--env-id"),
+    (["--env-id", MULTI_DISCRETE_ID], "--env-id"),
     (["--world-model-path", "missing/world_model.pt"], "--world-model-path"),
     (["--num-envs", "0"], "--num-envs"),
     (["--gamma", "1.5"], "--gamma"),
