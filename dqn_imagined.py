@@ -65,15 +65,19 @@ class Args:
     Without it a model is fitted on --initial-real-steps random real transitions."""
     initial_real_steps: int = 2000
     """Random-policy real transitions for the first world model (when no --world-model-path is given)."""
-    initial_action_repeat: int = 1
-    """The random policy of those first transitions holds each uniformly drawn action for this many steps.
-    Held actions explore further than per-step noise: on Acrobot-v1 they reach the goal now and then.
-    So the world model sees terminations there (with 1, per-step uniform actions, it sees almost none)."""
+    initial_action_repeat: int = 4
+    """When the --initial-real-steps uniform random steps end no episode in a termination, the first model could
+    predict no ending (Acrobot-v1: per-step noise never swings the tip up). More random steps are then taken, a
+    quarter of --initial-real-steps at a time until an episode terminates, each drawn action held for this many
+    steps: held actions explore further. They are real steps and count as such. 1 turns this off."""
     real_iterations: int = 12
     """The number of Dyna rounds: real data from the current policy, then a warm refit of the world model.
     With --world-model none there are no rounds, but the phases (and evaluations) stay the same."""
     real_steps_per_iteration: int = 1000
     """Real transitions collected in each Dyna round."""
+    refit_passes: int = 200
+    """A refit's budget: at most the minibatch updates that this many passes over the new real data take.
+    Early stopping on held-out episodes may end it sooner. On Acrobot-v1 20 let the model fall behind the policy."""
     collect_epsilon: float = 0.05
     """The epsilon of the epsilon-greedy policy that collects the real data of the Dyna rounds."""
     imagined_horizon: int = 100
@@ -135,6 +139,10 @@ class Args:
 
 
 make_env = rl_utils.make_env  # the real env thunk (CleanRL's make_env), shared by the scripts
+# Terminations are weighted by the full negative/positive ratio in the model's loss (the other scripts: its square
+# root). A greedy DQN only reaches a goal the model predicts: on Acrobot, with 2-4 goals in 4,000 steps, the
+# square root left the goal unpredicted and seeds 2 and 3 at -500 for 10,000 real transitions or more.
+TERMINATION_POS_WEIGHT = "ratio"
 
 
 class QNetwork(nn.Module):
@@ -217,9 +225,9 @@ if __name__ == "__main__":
 
     # checks first: a bad flag leaves no run dir behind
     rl_utils.check_positive(args, "total_timesteps", "initial_action_repeat", "real_steps_per_iteration",
-                            "imagined_horizon", "num_envs", "learning_rate", "buffer_size", "target_network_frequency",
-                            "batch_size", "train_frequency", "gradient_steps", "hidden_size", "num_threads",
-                            "n_step", "eval_every", "eval_episodes", "stop_after_evals")
+                            "refit_passes", "imagined_horizon", "num_envs", "learning_rate", "buffer_size",
+                            "target_network_frequency", "batch_size", "train_frequency", "gradient_steps",
+                            "hidden_size", "num_threads", "n_step", "eval_every", "eval_episodes", "stop_after_evals")
     for name in ("real_iterations", "learning_starts", "halt_threshold"):
         if getattr(args, name) < 0:
             raise rl_utils.ArgError("--" + name.replace("_", "-"), "a number >= 0", getattr(args, name))
@@ -245,8 +253,9 @@ if __name__ == "__main__":
             model, buffer, real_env_steps = wm.load_or_fit_world_model(
                 args.env_id, args.world_model_path, args.initial_real_steps, args.seed, device,
                 log=lambda line: print(f"[dqn_imagined] {line}", flush=True),
-                policy=None if args.initial_action_repeat == 1 else  # None: per-step uniform actions
-                rl_utils.held_random_policy(act_space, args.initial_action_repeat, args.seed))
+                until_termination_policy=None if args.initial_action_repeat == 1 else
+                rl_utils.held_random_policy(act_space, args.initial_action_repeat, args.seed),
+                termination_pos_weight=TERMINATION_POS_WEIGHT)
         except (FileNotFoundError, ValueError) as e:
             raise rl_utils.ArgError("--world-model-path", "a world_model.pt for " + args.env_id,
                                     args.world_model_path, str(e)) from None
@@ -264,7 +273,8 @@ if __name__ == "__main__":
     n_actions = int(act_space.n)
 
     q_network = QNetwork(obs_space.shape[0], n_actions, args.hidden_size).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    # fused: one kernel for the whole parameter update, ~13% less time per gradient step on a CPU
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
     target_network = QNetwork(obs_space.shape[0], n_actions, args.hidden_size).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = rl_utils.ReplayBuffer(args.buffer_size, obs_space.shape[0], seed=args.seed)
@@ -359,8 +369,8 @@ if __name__ == "__main__":
             collect_rng = np.random.default_rng([args.seed, iteration])
             model, buffer, metrics = wm.dyna_round(
                 model, buffer, args.env_id, lambda o: q_network.act(o, args.collect_epsilon, collect_rng),
-                args.real_steps_per_iteration, seed=args.seed + 1000 * iteration, writer=writer,
-                global_step=global_step)
+                args.real_steps_per_iteration, seed=args.seed + 1000 * iteration, refit_passes=args.refit_passes,
+                writer=writer, global_step=global_step, termination_pos_weight=TERMINATION_POS_WEIGHT)
             real_env_steps += metrics["new_real_steps"]
             timing["world_model_seconds"] += metrics["seconds"]
             timing["real_collect_seconds"] += time.time() - t0 - metrics["seconds"]

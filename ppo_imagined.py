@@ -64,6 +64,9 @@ class Args:
     rounds are a cap) and 8 where it has none (Pendulum spends every round: 10,000 real steps)."""
     real_steps_per_iteration: int = 1000
     """The real transitions collected per Dyna round."""
+    refit_passes: int = 20
+    """A refit's budget: at most the minibatch updates that this many passes over the new real data take.
+    Early stopping on held-out episodes may end it sooner."""
 
     total_timesteps: int = 400_000
     """The PPO environment steps: imagined ones with a world model, real ones with --world-model none."""
@@ -273,7 +276,7 @@ if __name__ == "__main__":
     for name, value in space_defaults.items():
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     ru.check_positive(args, "num_envs", "num_steps", "total_timesteps", "learning_rate", "num_minibatches",
-                      "update_epochs", "eval_episodes", "stop_after_evals", "num_threads")
+                      "update_epochs", "eval_episodes", "stop_after_evals", "num_threads", "refit_passes")
     for name in ("initial_real_steps", "real_iterations", "real_steps_per_iteration", "eval_every", "halt_threshold"):
         if getattr(args, name) < 0:
             raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))
@@ -473,8 +476,8 @@ if __name__ == "__main__":
                 dyna_rounds += 1
                 model, buffer, metrics = wm.dyna_round(
                     model, buffer, args.env_id, numpy_policy(agent, device, deterministic=False),
-                    args.real_steps_per_iteration, seed=args.seed + 1000 * dyna_rounds, writer=writer,
-                    global_step=global_step)
+                    args.real_steps_per_iteration, seed=args.seed + 1000 * dyna_rounds,
+                    refit_passes=args.refit_passes, writer=writer, global_step=global_step)
                 real_env_steps += metrics["new_real_steps"]
                 timing["world_model_seconds"] += metrics["seconds"]
                 timing["real_collect_seconds"] += time.time() - t0 - metrics["seconds"]

@@ -113,9 +113,12 @@ def fmt(x, spec=".1f"):
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def finish_run(tag, run_dir, summary):
-    """Writes summary.json, then the last lines: the final figures, a warning when the policy exploits the model,
-    and where the results are."""
+DYNA_GAP_REMEDY = "Collect more real data (--real-iterations) or raise the halt rule (lower --halt-threshold)."
+
+
+def finish_run(tag, run_dir, summary, gap_remedy=DYNA_GAP_REMEDY):
+    """Writes summary.json, then the last lines: the final figures, a warning (with `gap_remedy`: the flags that
+    help) when the policy exploits the model, and where the results are."""
     path = os.path.join(run_dir, "summary.json")
     wm.write_json_atomic(path, summary)
     print(f"[{tag}] final real return {fmt(summary['real_return_mean'])} +/- {fmt(summary['real_return_std'])} "
@@ -124,8 +127,7 @@ def finish_run(tag, run_dir, summary):
     gap = summary.get("imagined_minus_real")
     if gap is not None and gap_is_large(gap, summary.get("real_return_scale")):
         print(f"[{tag}] WARNING: the policy scores {gap:+.1f} more in imagination than in the real env: it exploits "
-              "errors of the world model. Collect more real data (--real-iterations) or raise the halt rule "
-              "(lower --halt-threshold).")
+              f"errors of the world model. {gap_remedy}")
     print(f"[{tag}] results: {path}")
     if summary.get("agent_path"):
         print(f"[{tag}] agent: {summary['agent_path']} (re-evaluate: python {tag}.py --eval-checkpoint "
@@ -298,6 +300,9 @@ class DynaArgs:
     A round collects real transitions with the current policy and refits the model (warm, budgeted) on all real data."""
     real_steps_per_iteration: int = 1000
     """Real transitions collected per Dyna round."""
+    refit_passes: int = 20
+    """A refit's budget: at most the minibatch updates that this many passes over the new real data take.
+    Early stopping on held-out episodes may end it sooner."""
     imagined_horizon: typing.Optional[int] = None
     """Imagined episodes are truncated (and bootstrapped) after this many steps; None: the real env's time limit."""
     imagined_start: typing.Literal["buffer", "start"] = "start"
@@ -316,7 +321,7 @@ class DynaArgs:
 
 def check_dyna_args(args):
     """The world-model / Dyna / imagination flags every imagined-training script shares."""
-    check_positive(args, "total_timesteps", "initial_real_steps", "eval_episodes", "num_threads")
+    check_positive(args, "total_timesteps", "initial_real_steps", "eval_episodes", "num_threads", "refit_passes")
     for name in ("real_iterations", "eval_every"):
         if getattr(args, name) < 0:
             raise ArgError("--" + name.replace("_", "-"), "an integer >= 0", getattr(args, name))
@@ -376,7 +381,8 @@ class DynaRounds:
             t0 = time.time()
             self.model, self.buffer, m = wm.dyna_round(
                 self.model, self.buffer, self.args.env_id, explore_fn, self.args.real_steps_per_iteration,
-                seed=self.args.seed + 1000 * (phase + 1), writer=self.writer, global_step=global_step)
+                seed=self.args.seed + 1000 * (phase + 1), refit_passes=self.args.refit_passes, writer=self.writer,
+                global_step=global_step)
             self.real_env_steps += m["new_real_steps"]
             self.refits += 1
             self.timings["world_model_seconds"] += m["seconds"]

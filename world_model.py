@@ -1095,9 +1095,12 @@ def load_world_model(path, device="cpu", env_id=None):
 # The entries every script uses
 # ----------------------------------------------------------------------------------------------------------------
 def load_or_fit_world_model(env_id, world_model_path=None, initial_real_steps=2000, seed=1, device="cpu",
-                            writer=None, log=print, policy=None):
+                            writer=None, log=print, policy=None, until_termination_policy=None,
+                            termination_pos_weight="sqrt"):
     """The world model a script starts from: the checkpoint at `world_model_path` (checked against `env_id`),
     else a new model fitted on `initial_real_steps` real transitions of `policy` (None: uniform random actions).
+    until_termination_policy: when those transitions end no episode in a termination, `initial_real_steps` more
+    are collected with it. termination_pos_weight: see `fit_world_model`.
     Returns (model, buffer, real_env_steps): the real data to extend in Dyna rounds (None for a checkpoint saved
     without its data) and the real transitions spent on the model so far (counted honestly for a checkpoint too)."""
     if world_model_path is not None:
@@ -1105,23 +1108,32 @@ def load_or_fit_world_model(env_id, world_model_path=None, initial_real_steps=20
         return model, model.buffer, checkpoint_real_steps(model)
     log(f"collecting {initial_real_steps} random real transitions and fitting a world model")
     buffer = collect_transitions(env_id, initial_real_steps, seed=seed, policy=policy)
-    model, metrics = fit_world_model(buffer, seed=seed, device=str(device), writer=writer)
+    if until_termination_policy is not None and not buffer.terminated.any():
+        # a model that never saw an episode end predicts no ending anywhere (Acrobot's and MountainCar's goals)
+        buffer.extend(collect_transitions(env_id, initial_real_steps, seed=seed + 1, policy=until_termination_policy))
+        log(f"no random episode terminated: {initial_real_steps} more steps with the exploration policy, "
+            f"{int(buffer.terminated.sum())} termination(s)")
+    model, metrics = fit_world_model(buffer, seed=seed, device=str(device), writer=writer,
+                                     termination_pos_weight=termination_pos_weight)
     log(f"world model fitted on {len(buffer)} transitions in {metrics['seconds']:.1f}s ({metrics['epochs']} epochs)")
     return model, buffer, len(buffer)
 
 
-def dyna_round(model, buffer, env_id, policy, num_steps, seed, refit_passes=20, writer=None, global_step=0):
+def dyna_round(model, buffer, env_id, policy, num_steps, seed, refit_passes=20, writer=None, global_step=0,
+               termination_pos_weight="sqrt"):
     """One Dyna round: `num_steps` real transitions with `policy` (obs batch -> actions), then a warm refit of
     `model` on all real data. The refit costs what the new data is worth: at most as many minibatch updates as
     `refit_passes` passes over the new data would take (drawn from all data), with early stopping on top.
     Returns (model, buffer, metrics); metrics has `new_real_steps` and the fit's metrics."""
     new = collect_transitions(env_id, num_steps, seed=seed, policy=policy)
     buffer = new if buffer is None else buffer.extend(new)
-    model, metrics = refit_world_model(model, buffer, len(new), seed, refit_passes, writer, global_step)
+    model, metrics = refit_world_model(model, buffer, len(new), seed, refit_passes, writer, global_step,
+                                       termination_pos_weight)
     return model, buffer, {"new_real_steps": len(new), **metrics}
 
 
-def refit_world_model(model, buffer, num_new, seed, refit_passes=20, writer=None, global_step=0):
+def refit_world_model(model, buffer, num_new, seed, refit_passes=20, writer=None, global_step=0,
+                      termination_pos_weight="sqrt"):
     """The warm refit of a Dyna round, for learners that collect real data themselves (sac_imagined.py): `model`
     refit in place on all of `buffer` (which already holds the `num_new` new transitions), with a budget of at
     most as many minibatch updates as `refit_passes` passes over the new data would take. Returns (model, metrics)."""
@@ -1131,5 +1143,6 @@ def refit_world_model(model, buffer, num_new, seed, refit_passes=20, writer=None
         newest = buffer.select_episodes(np.unique(buffer.episode_ids[-num_new:]))
         visualize.write_open_loop(model, newest, writer, global_step, "open_loop_before_refit")
     budget = max(1, math.ceil(refit_passes * num_new / 256))
-    return fit_world_model(buffer, model=model, seed=seed, max_updates=budget, writer=writer, global_step=global_step)
+    return fit_world_model(buffer, model=model, seed=seed, max_updates=budget, writer=writer, global_step=global_step,
+                           termination_pos_weight=termination_pos_weight)
 

@@ -179,6 +179,7 @@ def test_box_actions_outside_the_bounds_never_reach_the_real_env(tmp_path, monke
     (["--world-model-path", "missing/world_model.pt"], "--world-model-path"),
     (["--num-envs", "0"], "--num-envs"),
     (["--gamma", "1.5"], "--gamma"),
+    (["--refit-passes", "0"], "--refit-passes"),
     (["--world-model", "none", "--world-model-path", "x.pt"], "--world-model-path"),
 ])
 def test_bad_input_gives_one_line_and_no_run_dir(tmp_path, monkeypatch, argv, flag):

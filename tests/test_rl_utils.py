@@ -40,3 +40,14 @@ def test_without_a_target_nothing_is_solved(monkeypatch):
     evaluator = rl_utils.Evaluator("Pendulum-v1", seed=1, episodes=1, writer=_Writer(), target=None)
     evaluator(lambda obs: obs, global_step=0, real_env_steps=0)
     assert not evaluator.solved(1)
+
+
+def test_finish_run_warns_about_a_large_gap_with_the_scripts_remedy(tmp_path, capsys):
+    summary = {"real_return_mean": 100.0, "real_return_std": 0.0, "eval_episodes": 1, "real_env_steps": 10,
+               "wall_seconds": 1.0, "imagined_minus_real": 400.0, "real_return_scale": 500.0}
+    rl_utils.finish_run("x", str(tmp_path), summary, gap_remedy="Use --some-flag.")
+    out = capsys.readouterr().out
+    assert "WARNING: the policy scores +400.0 more in imagination" in out and "Use --some-flag." in out
+    assert (tmp_path / "summary.json").exists()
+    rl_utils.finish_run("x", str(tmp_path), {**summary, "imagined_minus_real": 10.0})
+    assert "WARNING" not in capsys.readouterr().out

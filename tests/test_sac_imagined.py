@@ -120,6 +120,7 @@ def test_model_free_run_never_sends_an_action_outside_the_bounds(tmp_path, monke
 @pytest.mark.parametrize("flags, expected", [
     (["--env-id", "CartPole-v1"], "ppo_imagined.py or dqn_imagined.py"),
     (["--world-model-path", "no_such_world_model.pt"], "--world-model-path"),
+    (["--refit-passes", "0"], "--refit-passes"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
     result = subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,

@@ -404,3 +404,22 @@ def test_bad_args_give_one_line_and_no_run_dir(tmp_path, flags, words):
 def test_collect_rejects_unsupported_envs():
     with pytest.raises(ValueError, match="1-D gymnasium.spaces.Box"):
         wm.collect_transitions("FrozenLake-v1", 10, seed=0)
+
+
+def test_initial_data_without_a_termination_gets_more_from_the_exploration_policy():
+    calls = []
+
+    def explore(obs_batch):  # counts its calls; always torque +1 (a held action)
+        calls.append(len(obs_batch))
+        return np.full(len(obs_batch), 2)
+
+    # 100 uniform random Acrobot steps never reach the goal: 100 more come from `explore`, and all are counted
+    model, buffer, steps = wm.load_or_fit_world_model("Acrobot-v1", None, 100, seed=0, log=lambda m: None,
+                                                      until_termination_policy=explore)
+    assert len(buffer) == steps == 200 and sum(calls) == 100
+    assert np.all(buffer.actions[100:] == 2) and len(np.unique(buffer.episode_ids)) == 2
+    # CartPole's random episodes end by termination: the exploration policy is never called
+    calls.clear()
+    _, buffer, steps = wm.load_or_fit_world_model("CartPole-v1", None, 100, seed=0, log=lambda m: None,
+                                                  until_termination_policy=explore)
+    assert steps == len(buffer) == 100 and not calls
