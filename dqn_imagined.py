@@ -67,9 +67,9 @@ class Args:
     """Random-policy real transitions for the first world model (when no --world-model-path is given)."""
     initial_action_repeat: int = 4
     """When the --initial-real-steps uniform random steps end no episode in a termination, the first model could
-    predict no ending (Acrobot-v1: per-step noise never swings the tip up). More random steps are then taken, a
-    quarter of --initial-real-steps at a time until an episode terminates, each drawn action held for this many
-    steps: held actions explore further. They are real steps and count as such. 1 turns this off."""
+    predict no ending (Acrobot-v1: per-step noise never swings the tip up). --initial-real-steps more random steps
+    are then taken, each drawn action held for this many steps: held actions explore further. They are real steps
+    and count as such. 1 turns this off."""
     real_iterations: int = 12
     """The number of Dyna rounds: real data from the current policy, then a warm refit of the world model.
     With --world-model none there are no rounds, but the phases (and evaluations) stay the same."""
