@@ -1095,19 +1095,18 @@ def load_world_model(path, device="cpu", env_id=None):
 # The entries every script uses
 # ----------------------------------------------------------------------------------------------------------------
 def load_or_fit_world_model(env_id, world_model_path=None, initial_real_steps=2000, seed=1, device="cpu",
-                            writer=None, log=print, policy=None, until_termination_policy=None,
-                            termination_pos_weight="sqrt"):
+                            writer=None, log=print, until_termination_policy=None, termination_pos_weight="sqrt"):
     """The world model a script starts from: the checkpoint at `world_model_path` (checked against `env_id`),
-    else a new model fitted on `initial_real_steps` real transitions of `policy` (None: uniform random actions).
+    else a new model fitted on `initial_real_steps` uniform random real transitions.
     until_termination_policy: when those transitions end no episode in a termination, `initial_real_steps` more
-    are collected with it. termination_pos_weight: see `fit_world_model`.
+    are collected with it (obs batch -> actions). termination_pos_weight: see `fit_world_model`.
     Returns (model, buffer, real_env_steps): the real data to extend in Dyna rounds (None for a checkpoint saved
     without its data) and the real transitions spent on the model so far (counted honestly for a checkpoint too)."""
     if world_model_path is not None:
         model = load_world_model(world_model_path, device=str(device), env_id=env_id)
         return model, model.buffer, checkpoint_real_steps(model)
     log(f"collecting {initial_real_steps} random real transitions and fitting a world model")
-    buffer = collect_transitions(env_id, initial_real_steps, seed=seed, policy=policy)
+    buffer = collect_transitions(env_id, initial_real_steps, seed=seed)
     if until_termination_policy is not None and not buffer.terminated.any():
         # a model that never saw an episode end predicts no ending anywhere (Acrobot's and MountainCar's goals)
         buffer.extend(collect_transitions(env_id, initial_real_steps, seed=seed + 1, policy=until_termination_policy))
