@@ -26,12 +26,16 @@ from torch.distributions.categorical import Categorical
 from torch.distributions.normal import Normal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dyna  # noqa: E402
+import real_env  # noqa: E402
 import rl_utils as ru  # noqa: E402
-import world_model as wm  # noqa: E402
+import world_model  # noqa: E402
 
 
 @dataclass
 class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """The name of this experiment (the run dir is runs/{env_id}__{exp_name}__{seed}__{time})."""
     seed: int = 1
     """The seed of the experiment (torch, numpy, the envs and the world model derive theirs from it)."""
     torch_deterministic: bool = True
@@ -42,12 +46,17 @@ class Args:
     """The number of torch CPU threads."""
 
     env_id: str = "CartPole-v1"
-    """The id of the real Gymnasium environment (1-D Box observations; Discrete or 1-D Box actions)."""
-    world_model: Literal["learned", "none"] = "learned"
-    """`learned` trains PPO inside a world model; `none` is the model-free baseline (the same PPO in the real env)."""
+    """The id of the real Gymnasium environment (Discrete or 1-D Box actions)."""
+    world_model: str = "ensemble"
+    """The world model: `ensemble` (the reference MLP ensemble), `none` (no model: the same PPO in the real env), or
+    your own as `path/to/file.py:attr` or `package.module:attr` (see world_model.py for the interface)."""
     world_model_path: Optional[str] = None
-    """A world_model.pt to start from (train_world_model.py writes one).
+    """A world-model checkpoint to start from (train_world_model.py writes one).
     Without it a model is fitted on --initial-real-steps random real transitions first."""
+    vector_env: Literal["auto", "batched", "sync", "async"] = "auto"
+    """How the imagined envs are stepped: `batched` (one model call steps all; `auto` picks it where the model
+    offers it), or `sync` / `async`: gymnasium's SyncVectorEnv / AsyncVectorEnv of single imagined envs, each
+    thunk loading its own copy of the model (for models that only offer a single env)."""
     imagined_horizon: Optional[int] = None
     """Imagined episodes are truncated (and bootstrapped with V(final obs)) after this many steps.
     None: the real env's time limit for Discrete actions, 50 for Box actions (pass the time limit to get it)."""
@@ -107,8 +116,9 @@ class Args:
     target_kl: Optional[float] = None
     """The target KL divergence threshold."""
 
-    eval_every: int = 5
-    """Evaluate in the real env every this many PPO iterations (0 means only at the end)."""
+    eval_every: int = 20480
+    """Evaluate in the real env at the first iteration end once this many PPO steps passed since the last
+    evaluation (20480: every 5 iterations of 32 x 128 steps; 0: only the final evaluation)."""
     eval_episodes: int = 10
     """The real episodes per evaluation (the final summary is over this many episodes)."""
     target_return: Optional[float] = None
@@ -145,7 +155,18 @@ SPACE_DEFAULTS = {
 BOX_ROUNDS_WITH_TARGET = 18
 
 
-make_env = ru.make_env  # the real env thunk (CleanRL's make_env), shared by the scripts
+def make_env(args, model_path, seed, horizon):
+    """CleanRL's make_env, for imagined envs stepped one per worker (--vector-env sync|async): the thunk builds and
+    loads its own copy of the world model, so that workers share nothing."""
+
+    def thunk():
+        torch.set_num_threads(1)
+        model = world_model.make(args.world_model, env_id=args.env_id, seed=seed)
+        model = model.load(model_path) if model_path else model
+        return model.imagined_env(seed=seed, horizon=horizon, start=args.imagined_start, halt=args.halt_threshold,
+                                  gamma=args.gamma)
+
+    return thunk
 
 
 class RunningMeanStd(nn.Module):
@@ -247,18 +268,14 @@ def gae(rewards, values, bootstrap, dones, valid, next_value, gamma, gae_lambda)
 
 
 def evaluate_checkpoint(path):
-    """Rebuilds a saved agent and replays its run's final evaluation (same env, seed and episodes)."""
+    """Rebuilds a saved agent (and its run's world model) and replays its run's final evaluation."""
     payload = ru.load_agent(path)
     run = payload["args"]
-    obs_space, act_space, _ = ru.real_env_spaces(run["env_id"], "ppo_imagined.py")
-    agent = Agent(obs_space.shape[0], act_space, norm_obs=run["norm_obs"])
+    model = dyna.agent_world_model(payload)
+    obs_space = model.observation_space if model is not None else ru.real_env_spaces(run["env_id"], "ppo")[0]
+    agent = Agent(obs_space.shape[0], ru.real_env_spaces(run["env_id"], "ppo_imagined.py")[1], run["norm_obs"])
     agent.load_state_dict(payload["state_dicts"]["agent"])
-    seed = ru.Evaluator(run["env_id"], run["seed"], run["eval_episodes"], writer=None).episode_seed(0)
-    returns, _ = wm.evaluate_in_real_env(numpy_policy(agent, "cpu"), run["env_id"], run["eval_episodes"], seed)
-    print(f"[ppo] {path}: real return {returns.mean():.1f} +/- {returns.std():.1f} over {len(returns)} episodes "
-          f"of {run['env_id']} (seed {run['seed']})")
-    return {"real_return_mean": float(returns.mean()), "real_return_std": float(returns.std()),
-            "real_returns": returns.tolist()}
+    return dyna.replay_final_evaluation("ppo_imagined", path, numpy_policy(agent, "cpu"), model)
 
 
 if __name__ == "__main__":
@@ -268,7 +285,9 @@ if __name__ == "__main__":
         sys.exit(0)
 
     # checks: every bad flag stops here with one line, before a run dir exists
-    obs_space, action_space, reward_threshold = ru.real_env_spaces(args.env_id, "ppo_imagined.py")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    model = dyna.model_from_args(args, device)  # None for --world-model none; loads --world-model-path
+    _, action_space, reward_threshold = ru.real_env_spaces(args.env_id, "ppo_imagined.py")
     target = args.target_return if args.target_return is not None else reward_threshold
     space_defaults = dict(SPACE_DEFAULTS[type(action_space).__name__])
     if isinstance(action_space, gym.spaces.Box) and target is not None and args.early_stop:
@@ -285,46 +304,39 @@ if __name__ == "__main__":
             raise ru.ArgError("--" + name.replace("_", "-"), "a value in [0, 1]", getattr(args, name))
     if args.imagined_horizon is not None and args.imagined_horizon < 1:
         raise ru.ArgError("--imagined-horizon", "an int >= 1 or None (the real time limit)", args.imagined_horizon)
-    use_model = args.world_model == "learned"
-    if use_model and args.world_model_path is None and args.initial_real_steps < 2:
+    learns = model is not None and getattr(model, "learns", True)
+    if learns and args.world_model_path is None and args.initial_real_steps < 2:
         raise ru.ArgError("--initial-real-steps", "at least 2 transitions to fit a model on", args.initial_real_steps)
-    if not use_model and args.world_model_path is not None:
-        raise ru.ArgError("--world-model-path", "no path with --world-model none", args.world_model_path)
+    vector_env = dyna.vector_env_kind(args, model)
     num_iterations = max(1, args.total_timesteps // (args.num_envs * args.num_steps))
     ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    timing = {"world_model_seconds": 0.0, "real_collect_seconds": 0.0, "train_seconds": 0.0}  # eval: evaluator.seconds
-    start_time = time.time()
 
-    model = buffer = None
-    real_env_steps = 0  # real transitions used for learning
-    if use_model and args.world_model_path is not None:  # loaded before the run dir exists: a bad path leaves none
-        try:
-            model, buffer, real_env_steps = wm.load_or_fit_world_model(args.env_id, args.world_model_path,
-                                                                       device=device)
-        except (OSError, ValueError) as e:
-            raise ru.ArgError("--world-model-path", f"a world-model checkpoint for {args.env_id}",
-                              args.world_model_path, " ".join(str(e).split())) from None
-    run_name, run_dir, writer = ru.start_run(args, "ppo_imagined", model_free=not use_model)
-    try:
-        world_model_path = os.path.abspath(args.world_model_path) if args.world_model_path else None
-        if use_model and model is None:
-            t0 = time.time()
-            model, buffer, real_env_steps = wm.load_or_fit_world_model(
-                args.env_id, None, args.initial_real_steps, args.seed, device, writer, log=lambda s: print("[ppo]", s))
-            timing["world_model_seconds"] += time.time() - t0  # includes the (quick) random data collection
-        if use_model:
-            envs = wm.make_imagined_vector_env(model, args.num_envs, seed=args.seed, horizon=args.imagined_horizon,
-                                               start=args.imagined_start, halt=args.halt_threshold, gamma=args.gamma,
-                                               output="torch" if device.type == "cuda" else "numpy")
-        else:
-            envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)],
-                                            autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    run = ru.Run(args, "ppo_imagined", model_free=model is None)
+    nets = {}  # what the run saves (finished, interrupted or failed): the agent once it exists, and the model
+    run.checkpoint = lambda: dyna.save_checkpoints(run, args, model, nets)
+    with run:
+        data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print("[ppo]", s))
 
-        agent = Agent(obs_space.shape[0], action_space, norm_obs=args.norm_obs).to(device)
+        def make_envs():  # the batched imagined env, sync/async workers of single ones, or the real envs
+            if model is None:
+                return gym.vector.SyncVectorEnv([ru.real_env_thunk(args.env_id, args.seed + i)
+                                                 for i in range(args.num_envs)],
+                                                autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+            path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
+            return dyna.imagined_vector_env(model, vector_env, args.num_envs, args.seed, device,
+                                            lambda seed: make_env(args, path, seed, args.imagined_horizon),
+                                            horizon=args.imagined_horizon, start=args.imagined_start,
+                                            halt=args.halt_threshold, gamma=args.gamma)
+
+        envs = make_envs()
+        obs_space = ru.check_policy_observations(envs.single_observation_space, "ppo_imagined.py", args.env_id,
+                                                 args.world_model)
+        agent = nets["agent"] = Agent(obs_space.shape[0], action_space, norm_obs=args.norm_obs).to(device)
         optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
         return_rms = RunningMeanStd().to(device)  # for --norm-reward
-        evaluator = ru.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target)
+        evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, run.writer, target,
+                                                   model)
+        writer, figures = run.writer, run.figures
 
         # rollout storage; valid: 0 for NEXT_STEP reset steps, bootstrap: V(final obs) at truncated steps
         obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, device=device)
@@ -332,7 +344,7 @@ if __name__ == "__main__":
         logprobs, rewards, dones, valid, bootstrap, values = (
             torch.zeros((args.num_steps, args.num_envs), device=device) for _ in range(6))
 
-        global_step, imagined_steps, dyna_rounds = 0, 0, 0
+        global_step, dyna_rounds, last_eval = 0, 0, 0
         dyna_every = max(1, num_iterations // (args.real_iterations + 1))
         next_obs, _ = envs.reset(seed=args.seed)
         next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
@@ -354,7 +366,7 @@ if __name__ == "__main__":
                     values[step] = value.flatten()
                 actions[step], logprobs[step] = action, logprob
 
-                next_obs, reward, terminated, truncated, _ = envs.step(wm.clip_action(action, action_space))
+                next_obs, reward, terminated, truncated, _ = envs.step(real_env.clip_action(action, action_space))
                 next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
                 reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
                 terminated = torch.as_tensor(terminated, device=device).bool()
@@ -381,10 +393,8 @@ if __name__ == "__main__":
                 ep_return *= 1.0 - next_done
                 ep_length *= 1.0 - next_done
             transitions = int(valid.sum().item())  # the reset steps are no transitions of the MDP
-            if use_model:
-                imagined_steps += transitions
-            else:
-                real_env_steps += transitions
+            figures["imagined_steps" if model is not None else "real_env_steps"] += transitions
+            figures["global_step"], figures["ppo_iterations"] = global_step, iteration
             train_return = float(np.mean(finished)) if finished else train_return
 
             with torch.no_grad():
@@ -442,75 +452,58 @@ if __name__ == "__main__":
                     break
             if args.norm_obs:  # after the update, so a rollout and its update see the same statistics
                 agent.obs_rms.update(b_obs)
-            timing["train_seconds"] += time.time() - t_iter
+            run.timings["train_seconds"] += time.time() - t_iter
 
             y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
             var_y = np.var(y_true)
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-            sps = int(global_step / timing["train_seconds"])
+            sps = int(global_step / run.timings["train_seconds"])
             for tag, value in {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
                                "losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
                                "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": old_approx_kl.item(),
                                "losses/approx_kl": approx_kl.item(), "losses/clipfrac": np.mean(clipfracs),
                                "losses/explained_variance": explained_var,
-                               "charts/real_env_steps": real_env_steps}.items():
+                               "charts/real_env_steps": figures["real_env_steps"]}.items():
                 writer.add_scalar(tag, value, global_step)
 
             stop = False
-            if args.eval_every and iteration % args.eval_every == 0:
-                evaluator(numpy_policy(agent, device), global_step, real_env_steps, model=model)
+            if ru.eval_due(args.eval_every, global_step, last_eval):
+                last_eval = global_step
+                evaluator(numpy_policy(agent, device), global_step, figures["real_env_steps"])
                 stop = args.early_stop and evaluator.solved(args.stop_after_evals)
             print(f"[ppo] iter {iteration}/{num_iterations} step {global_step} "
-                  f"{'imagined_return' if use_model else 'train_return'} {ru.fmt(train_return)} "
-                  f"real_return {ru.fmt(evaluator.last_real)} real_steps {real_env_steps} "
-                  + (f"gap {ru.fmt(evaluator.last_gap)} " if use_model else "") + f"SPS {sps}", flush=True)
+                  f"{'imagined_return' if model is not None else 'train_return'} {ru.fmt(train_return)} "
+                  f"real_return {ru.fmt(evaluator.last_real)} real_steps {figures['real_env_steps']} "
+                  + (f"gap {ru.fmt(evaluator.last_gap)} " if model is not None else "") + f"SPS {sps}", flush=True)
             if stop:
                 print(f"[ppo] the mean return of {args.stop_after_evals} consecutive evaluations reached {target}: "
                       "stopping")
                 break
 
             # Dyna: real data from the current stochastic policy, then a warm refit (used from the envs' next step)
-            if (use_model and dyna_rounds < args.real_iterations and args.real_steps_per_iteration > 0
+            if (learns and dyna_rounds < args.real_iterations and args.real_steps_per_iteration > 0
                     and iteration % dyna_every == 0 and iteration < num_iterations):
-                t0 = time.time()
                 dyna_rounds += 1
-                model, buffer, metrics = wm.dyna_round(
-                    model, buffer, args.env_id, numpy_policy(agent, device, deterministic=False),
+                data, metrics = dyna.dyna_round(
+                    model, data, args.env_id, numpy_policy(agent, device, deterministic=False),
                     args.real_steps_per_iteration, seed=args.seed + 1000 * dyna_rounds,
                     refit_passes=args.refit_passes, writer=writer, global_step=global_step)
-                real_env_steps += metrics["new_real_steps"]
-                timing["world_model_seconds"] += metrics["seconds"]
-                timing["real_collect_seconds"] += time.time() - t0 - metrics["seconds"]
+                run.add_dyna_round(metrics)
                 print(f"[ppo] dyna round {dyna_rounds}/{args.real_iterations}: +{metrics['new_real_steps']} real steps "
-                      f"(total {real_env_steps}), world model refitted on {len(buffer)} transitions in "
+                      f"(total {figures['real_env_steps']}), world model refitted on {len(data)} transitions in "
                       f"{metrics['seconds']:.1f}s", flush=True)
+                if vector_env != "batched":  # the workers' copies are stale: new workers load the refit model
+                    envs.close()
+                    envs = make_envs()
+                    next_obs = torch.as_tensor(envs.reset(seed=args.seed + iteration)[0], dtype=torch.float32,
+                                               device=device)
+                    next_done = torch.zeros(args.num_envs, device=device)
         envs.close()
 
-        final = evaluator(numpy_policy(agent, device), global_step, real_env_steps, model=model, final=True)
-        if use_model and (world_model_path is None or dyna_rounds > 0):  # fitted or refitted here: the run's own
-            world_model_path = os.path.abspath(os.path.join(run_dir, "world_model.pt"))
-            wm.save_world_model(model, world_model_path, extra={"real_env_steps": real_env_steps}, buffer=buffer)
+        final = evaluator(numpy_policy(agent, device), global_step, figures["real_env_steps"], final=True)
         if args.capture_video:
             import visualize
 
-            visualize.capture_videos(numpy_policy(agent, device), args.env_id, evaluator.episode_seed(0), run_dir,
+            visualize.capture_videos(numpy_policy(agent, device), args.env_id, evaluator.episode_seed(0), run.dir,
                                      args.eval_episodes, model)
-        agent_path = os.path.abspath(os.path.join(run_dir, "agent.pt"))
-        ru.save_agent(agent_path, {"agent": agent.state_dict()}, args, world_model_path)
-        scale = target if target is not None else max(abs(e["real_return_mean"]) for e in evaluator.history + [final])
-        ru.finish_run("ppo_imagined", run_dir, {
-            "algo": "ppo_imagined", "env_id": args.env_id, "seed": args.seed, "world_model": args.world_model,
-            "world_model_path": world_model_path, "real_return_mean": final["real_return_mean"],
-            "real_return_std": final["real_return_std"], "real_returns": final["returns"],
-            "eval_episodes": args.eval_episodes, "real_env_steps": real_env_steps,
-            "eval_env_steps": evaluator.env_steps, "imagined_steps": imagined_steps,
-            "imagined_return_mean": final.get("imagined_return_mean"),
-            "imagined_minus_real": final.get("imagined_minus_real"), "real_return_scale": scale,
-            "wall_seconds": time.time() - start_time, **timing, "eval_seconds": evaluator.seconds,
-            "target_return": target, "real_env_steps_to_target": evaluator.reached_at, "agent_path": agent_path,
-            "run_dir": os.path.abspath(run_dir), "ppo_iterations": iteration, "dyna_rounds": dyna_rounds,
-            "eval_history": evaluator.history,
-        })
-        writer.close()
-    finally:
-        ru.remove_run_dir_without_summary(run_dir)
+        run.finish(final)

@@ -8,7 +8,7 @@ import dataclasses
 import math
 import os
 import random
-import shutil
+import signal
 import time
 import typing
 
@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import world_model as wm
+import run_io
 
 # A run that ends with imagined-minus-real above this fraction of the real return's scale says so in its last lines.
 GAP_WARNING_FRACTION = 0.25
@@ -41,8 +41,9 @@ def check_positive(args, *names):
 
 
 def real_env_spaces(env_id, script, actions=("Discrete", "Box")):
-    """Makes `env_id` once and checks that `script` can handle its spaces: a 1-D Box observation and an action
-    space of the kinds in `actions`. Returns (observation_space, action_space, reward_threshold)."""
+    """Makes `env_id` once and checks that `script` can handle its action space (of the kinds in `actions`).
+    Returns (observation_space, action_space, reward_threshold). What the policy observes is checked by
+    `check_policy_observations`, on the world model's space (or the real one, model-free)."""
     try:
         env = gym.make(env_id)
     except gym.error.Error as e:
@@ -52,9 +53,6 @@ def real_env_spaces(env_id, script, actions=("Discrete", "Box")):
     threshold = env.spec.reward_threshold if env.spec is not None else None
     env.close()
     alternatives = {"Discrete": "ppo_imagined.py or dqn_imagined.py", "Box": "ppo_imagined.py or sac_imagined.py"}
-    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
-        raise ArgError("--env-id", f"an env with a 1-D Box observation space ({script} supports flat vectors)",
-                       env_id, f"It has {obs_space}; wrap it with gymnasium.wrappers.FlattenObservation first.")
     kind = type(act_space).__name__
     if kind not in actions or (kind == "Box" and len(act_space.shape) != 1):
         supported = " or ".join(f"{a} actions" for a in actions)
@@ -65,8 +63,19 @@ def real_env_spaces(env_id, script, actions=("Discrete", "Box")):
     return obs_space, act_space, threshold
 
 
-def make_env(env_id, seed):
-    """CleanRL's thunk for the real env (the model-free baselines, SAC's real steps): its action space seeded."""
+def check_policy_observations(space, script, env_id, model_spec):
+    """The policy networks here are MLPs: what they observe (the world model's observation space, or the real env's
+    without a model) must be a 1-D Box."""
+    if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+        where = "the real env's" if model_spec == "none" else f"--world-model {model_spec}'s"
+        raise ArgError("--env-id", f"an env whose policy observations are a 1-D Box ({script}'s networks are MLPs)",
+                       env_id, f"{where} observation space is {space}; wrap the env with "
+                       "gymnasium.wrappers.FlattenObservation first.")
+    return space
+
+
+def real_env_thunk(env_id, seed):
+    """CleanRL's make_env for the real env (the model-free baselines, SAC's real steps): its action space seeded."""
 
     def thunk():
         env = gym.make(env_id)
@@ -88,24 +97,111 @@ def seed_everything(seed, num_threads=1, torch_deterministic=True):
         torch.set_num_threads(num_threads)
 
 
-def start_run(args, script, model_free=False):
-    """runs/{env_id}__{script}[_model_free]__{seed}__{time}/ with a TensorBoard writer that has the hyper-parameters.
-    Call it after the arguments were checked, so a bad flag leaves no run dir behind."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    name = f"{script}_model_free" if model_free else script
-    run_name = f"{args.env_id}__{name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    return run_name, run_dir, writer
+def eval_due(every, step, last_eval_step):
+    """`--eval-every` in every script: an evaluation at the first iteration end once `every` learner steps (the unit
+    of --total-timesteps) passed since the last one; 0: only the final evaluation."""
+    return bool(every) and step - last_eval_step >= every
 
 
-def remove_run_dir_without_summary(run_dir):
-    """A run that failed before writing summary.json leaves nothing behind that TensorBoard would show."""
-    if run_dir and os.path.isdir(run_dir) and not os.path.exists(os.path.join(run_dir, "summary.json")):
-        shutil.rmtree(run_dir, ignore_errors=True)
+class Run:
+    """runs/{env_id}__{exp_name}[_model_free]__{seed}__{time}/: the TensorBoard writer, the figures so far, the one
+    summary builder, and what a run keeps when it stops early.
+
+    Create it after the arguments were checked (a bad flag leaves no run dir), then run the work inside `with run:`.
+    Ctrl-C (SIGINT), SIGTERM or an exception inside keeps the run dir: `checkpoint()` (set by the script: it saves
+    the latest agent and world model and returns their paths) is called, summary.json gets "status": "interrupted"
+    or "failed" (with the error) and the figures so far, one line says where it is, and Ctrl-C exits with code 130
+    and no traceback. A finished run's summary says "status": "finished" (`finish`)."""
+
+    def __init__(self, args, tag, model_free=False):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.args, self.tag = args, tag
+        name = f"{args.exp_name}_model_free" if model_free else args.exp_name
+        self.name = f"{args.env_id}__{name}__{args.seed}__{int(time.time())}"
+        self.dir = os.path.join("runs", self.name)
+        self.writer = SummaryWriter(self.dir)
+        self.writer.add_text("hyperparameters",
+                             "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.start_time = time.time()
+        # what the script updates as it goes; every summary, a partial one too, carries it
+        self.figures = {"real_env_steps": 0, "imagined_steps": 0}
+        self.timings = {"world_model_seconds": 0.0, "real_collect_seconds": 0.0, "train_seconds": 0.0}
+        self.evaluator = None
+        self.checkpoint = None
+        self.model_fitted = getattr(args, "world_model_path", None) is not None  # a loaded model counts as fitted
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def add_dyna_round(self, metrics):
+        """Counts a Dyna round's (or a refit's) real steps and time: the fit and its picture as world-model time."""
+        self.figures["real_env_steps"] += metrics.get("new_real_steps", 0)  # SAC counts its real steps itself
+        self.figures["refits"] = self.figures.get("refits", 0) + 1
+        self.timings["world_model_seconds"] += metrics["seconds"] + metrics.get("figure_seconds", 0.0)
+        self.timings["real_collect_seconds"] += metrics.get("collect_seconds", 0.0)
+        self.writer.add_scalar("charts/real_env_steps", self.figures["real_env_steps"],
+                               self.figures.get("global_step", 0))
+
+    def summary(self, status, final=None, **extra):
+        """The one summary of every script: the final evaluation's figures (the last evaluation's, marked
+        `from_last_eval`, for a run that stopped before its final one), the counters, the timings and the history.
+        real_return_scale, the unit of the large-gap warning: |target| where there is one, else the largest |mean
+        real return| any evaluation saw."""
+        ev, args = self.evaluator, self.args
+        history = ev.history if ev is not None else []
+        last = final or (history[-1] if history else {})
+        seen = [abs(e["real_return_mean"]) for e in history + ([final] if final else [])]
+        target = ev.target if ev is not None else None
+        return {
+            "algo": self.tag, "env_id": args.env_id, "seed": args.seed, "status": status,
+            "world_model": getattr(args, "world_model", "none"),
+            "real_return_mean": last.get("real_return_mean"), "real_return_std": last.get("real_return_std"),
+            "real_returns": last.get("returns"), "from_last_eval": final is None and bool(history),
+            "eval_episodes": args.eval_episodes, **self.figures,
+            "eval_env_steps": ev.env_steps if ev is not None else 0,
+            "imagined_return_mean": last.get("imagined_return_mean"),
+            "imagined_minus_real": last.get("imagined_minus_real"),
+            "real_return_scale": abs(target) if target else (max(seen) if seen else None),
+            "wall_seconds": time.time() - self.start_time, **self.timings,
+            "eval_seconds": ev.seconds if ev is not None else 0.0, "target_return": target,
+            "real_env_steps_to_target": ev.reached_at if ev is not None else None, "run_dir": self.dir,
+            "eval_history": history, **extra,
+        }
+
+    def finish(self, final, gap_remedy=None, **extra):
+        """summary.json with "status": "finished", then the last lines. Returns the summary."""
+        summary = self.summary("finished", final, **(self.checkpoint() if self.checkpoint else {}), **extra)
+        self.writer.close()
+        finish_run(self.tag, self.dir, summary, gap_remedy or DYNA_GAP_REMEDY)
+        return summary
+
+    def __enter__(self):
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt("SIGTERM")
+
+        self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        signal.signal(signal.SIGTERM, self._old_sigterm)
+        if exc_type is None or issubclass(exc_type, ArgError):
+            return False
+        interrupted = issubclass(exc_type, KeyboardInterrupt)
+        status = "interrupted" if interrupted else "failed"
+        saved = {}
+        try:
+            saved = self.checkpoint() if self.checkpoint else {}
+        except BaseException as e:  # keep what is there; the summary says what could not be saved
+            saved = {"checkpoint_error": f"{type(e).__name__}: {e}"}
+        error = None if interrupted else f"{exc_type.__name__}: {exc}"
+        run_io.write_json_atomic(self.path("summary.json"), self.summary(status, error=error, **saved))
+        self.writer.close()
+        print(f"[{self.tag}] {status}{'' if interrupted else f' ({error})'}: what the run wrote is kept in "
+              f"{self.dir} (summary.json status {status!r})", flush=True)
+        if interrupted:
+            raise SystemExit(130) from None
+        return False
 
 
 def fmt(x, spec=".1f"):
@@ -120,7 +216,7 @@ def finish_run(tag, run_dir, summary, gap_remedy=DYNA_GAP_REMEDY):
     """Writes summary.json, then the last lines: the final figures, a warning (with `gap_remedy`: the flags that
     help) when the policy exploits the model, and where the results are."""
     path = os.path.join(run_dir, "summary.json")
-    wm.write_json_atomic(path, summary)
+    run_io.write_json_atomic(path, summary)
     print(f"[{tag}] final real return {fmt(summary['real_return_mean'])} +/- {fmt(summary['real_return_std'])} "
           f"({summary['eval_episodes']} episodes) | real_env_steps {summary['real_env_steps']} | "
           f"imagined_steps {summary.get('imagined_steps', 0)} | wall {summary['wall_seconds']:.1f}s")
@@ -137,63 +233,6 @@ def finish_run(tag, run_dir, summary, gap_remedy=DYNA_GAP_REMEDY):
 
 def gap_is_large(gap, scale):
     return scale is not None and scale > 0 and gap > GAP_WARNING_FRACTION * scale
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation bookkeeping
-# ----------------------------------------------------------------------------------------------------------------
-class Evaluator:
-    """Periodic judgement of a policy in the real env (and the same policy in imagination, to show the gap).
-
-    Each evaluation plays fresh, disjoint real episode seeds; the final one (index 0) uses seeds that depend only
-    on the run's seed, so `--eval-checkpoint` reproduces it. `history` goes into summary.json (plot_runs.py reads
-    it); `reached_at` is the real_env_steps of the first evaluation whose mean reached `target`.
-
-    The stop rule of every script is `solved(n)`: n evaluations in a row whose MEAN return reached `target`.
-    Gymnasium's reward_threshold is defined on the mean over episodes; asking it of consecutive evaluations on fresh
-    episode seeds keeps one lucky evaluation from stopping a run, and the final evaluation (its own seeds) shows
-    whether the policy holds."""
-
-    def __init__(self, env_id, seed, episodes, writer, target=None):
-        self.env_id, self.seed, self.episodes, self.writer, self.target = env_id, seed, episodes, writer, target
-        self.history, self.reached_at, self.seconds, self.env_steps = [], None, 0.0, 0
-        self.last_real, self.last_gap = float("nan"), float("nan")
-        self.evals_at_target = 0  # consecutive evaluations whose mean reached the target
-
-    def episode_seed(self, index):
-        return 10_000 * self.seed + index * self.episodes
-
-    def __call__(self, act_fn, global_step, real_env_steps, model=None, final=False, action_space=None):
-        t0 = time.time()
-        index = 0 if final else 1 + len(self.history)
-        returns, lengths = wm.evaluate_in_real_env(act_fn, self.env_id, self.episodes, self.episode_seed(index))
-        self.env_steps += int(lengths.sum())
-        entry = {"global_step": int(global_step), "real_env_steps": int(real_env_steps),
-                 "real_return_mean": float(returns.mean()), "real_return_std": float(returns.std()),
-                 "real_length_mean": float(lengths.mean())}
-        if model is not None:
-            imagined = wm.evaluate_in_imagination(act_fn, model, self.episodes, self.episode_seed(index))
-            entry["imagined_return_mean"] = float(imagined.mean())
-            entry["imagined_minus_real"] = float(imagined.mean() - returns.mean())
-            self.writer.add_scalar("eval/imagined_episodic_return", entry["imagined_return_mean"], global_step)
-            self.writer.add_scalar("eval/imagined_minus_real", entry["imagined_minus_real"], global_step)
-            self.last_gap = entry["imagined_minus_real"]
-        self.writer.add_scalar("eval/real_episodic_return", entry["real_return_mean"], global_step)
-        self.writer.add_scalar("eval/real_episodic_length", entry["real_length_mean"], global_step)
-        self.writer.add_scalar("eval/real_env_steps", real_env_steps, global_step)
-        self.last_real = entry["real_return_mean"]
-        if self.reached_at is None and self.target is not None and self.last_real >= self.target:
-            self.reached_at = int(real_env_steps)
-        if not final:
-            at_target = self.target is not None and self.last_real >= self.target
-            self.evals_at_target = self.evals_at_target + 1 if at_target else 0
-            self.history.append(dict(entry))  # without the returns array below
-        self.seconds += time.time() - t0
-        entry["returns"] = returns
-        return entry
-
-    def solved(self, consecutive):
-        return self.evals_at_target >= consecutive
 
 
 def held_random_policy(action_space, repeat, seed):
@@ -252,10 +291,10 @@ class ReplayBuffer:
 # own final evaluation
 # ----------------------------------------------------------------------------------------------------------------
 def save_agent(path, state_dicts, args, world_model_path=None, extra=None):
-    payload = {"format": "world-model-rl/agent", "args": wm.json_safe(dataclasses.asdict(args)),
+    payload = {"format": "world-model-rl/agent", "args": run_io.json_safe(dataclasses.asdict(args)),
                "state_dicts": {k: {n: t.detach().cpu() for n, t in sd.items()} for k, sd in state_dicts.items()},
-               "world_model_path": world_model_path, "extra": wm.json_safe(extra or {})}
-    return wm.save_torch_atomic(path, payload)
+               "world_model_path": world_model_path, "extra": run_io.json_safe(extra or {})}
+    return run_io.save_torch_atomic(path, payload)
 
 
 def load_agent(path):
@@ -291,8 +330,15 @@ class DynaArgs:
     """If toggled, cuda is used when available."""
     num_threads: int = 1
     """The number of torch threads."""
+    world_model: str = "ensemble"
+    """The world model: `ensemble` (the reference MLP ensemble), `none` (no model: train in the real env), or your
+    own as `path/to/file.py:attr` or `package.module:attr` (see world_model.py for the interface)."""
     world_model_path: typing.Optional[str] = None
-    """A world_model.pt written by train_world_model.py or by an earlier run; None fits one here."""
+    """A world-model checkpoint to start from (train_world_model.py or an earlier run writes one); None fits here."""
+    vector_env: typing.Literal["auto", "batched", "sync", "async"] = "auto"
+    """How the imagined envs are stepped: `batched` (one model call steps all; `auto` picks it where the model
+    offers it), or `sync` / `async`: gymnasium's SyncVectorEnv / AsyncVectorEnv of single imagined envs, each
+    thunk loading its own copy of the model (for models that only offer a single env)."""
     initial_real_steps: int = 2000
     """Random-policy real transitions the world model is fitted on when no --world-model-path is given."""
     real_iterations: int = 4
@@ -314,7 +360,8 @@ class DynaArgs:
     eval_episodes: int = 10
     """Real-env episodes per evaluation (deterministic actions)."""
     eval_every: int = 1
-    """Evaluate in the real env after every this many phases (0: only the final evaluation)."""
+    """Evaluate in the real env at the first phase end once this many imagined steps passed since the last
+    evaluation (1: after every phase; 0: only the final evaluation)."""
     eval_checkpoint: typing.Optional[str] = None
     """An agent.pt written by this script: replay the run's final real evaluation with its seed, then exit."""
 
@@ -333,94 +380,3 @@ def check_dyna_args(args):
         raise ArgError("--halt-threshold", "a number >= 0 (0 turns the halt rule off)", args.halt_threshold)
 
 
-def world_model_for(args, device, tag):
-    """wm.load_or_fit_world_model with the run's flags; a bad --world-model-path becomes one clear line.
-    Returns (model, buffer, real_env_steps, seconds)."""
-    t0 = time.time()
-    try:
-        model, buffer, steps = wm.load_or_fit_world_model(args.env_id, args.world_model_path, args.initial_real_steps,
-                                                          args.seed, str(device), log=lambda m: print(f"[{tag}] {m}"))
-    except (FileNotFoundError, ValueError) as e:
-        raise ArgError("--world-model-path", f"a world_model.pt that fits {args.env_id}", args.world_model_path,
-                       str(e)) from None
-    return model, buffer, steps, time.time() - t0
-
-
-class DynaRounds:
-    """args.real_iterations + 1 phases of imagined training with a Dyna round (wm.dyna_round: real data from the
-    current policy, warm refit of the model) after every phase but the last, a real evaluation every
-    args.eval_every phases (and always a final one), the status line and the summary.
-
-    The script runs its learner for `phase_steps(phase)` imagined steps, then calls `end_phase`; at the end
-    `finish` saves the (refit) world model once, evaluates with the run's seed and writes summary.json."""
-
-    def __init__(self, tag, args, model, buffer, real_env_steps, writer, target=None, world_model_seconds=0.0,
-                 start_time=None):
-        self.tag, self.args, self.model, self.buffer, self.writer = tag, args, model, buffer, writer
-        self.real_env_steps, self.num_phases, self.refits = int(real_env_steps), args.real_iterations + 1, 0
-        self.evaluator = Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target)
-        self.timings = {"world_model_seconds": world_model_seconds, "real_collect_seconds": 0.0, "train_seconds": 0.0}
-        self.start_time = time.time() if start_time is None else start_time
-
-    def phase_steps(self, phase, unit=1):
-        """Imagined steps of `phase`: args.total_timesteps split evenly, in whole multiples of `unit`."""
-        units = -(-self.args.total_timesteps // unit)
-        return unit * (units // self.num_phases + (phase < units % self.num_phases))
-
-    def status(self, phase, global_step, imagined_return, sps):
-        print(f"[{self.tag}] iter {phase + 1}/{self.num_phases} step {global_step} imagined_return "
-              f"{fmt(imagined_return)} real_return {fmt(self.evaluator.last_real)} real_steps {self.real_env_steps} "
-              f"gap {fmt(self.evaluator.last_gap)} SPS {int(sps)}", flush=True)
-
-    def end_phase(self, phase, global_step, act_fn, explore_fn):
-        """After phase `phase`: evaluate (act_fn: deterministic) when due, then a Dyna round with explore_fn."""
-        every = self.args.eval_every
-        if every and (phase + 1) % every == 0 and phase < self.num_phases - 1:
-            self.evaluator(act_fn, global_step, self.real_env_steps, model=self.model)
-        if phase < self.num_phases - 1:
-            t0 = time.time()
-            self.model, self.buffer, m = wm.dyna_round(
-                self.model, self.buffer, self.args.env_id, explore_fn, self.args.real_steps_per_iteration,
-                seed=self.args.seed + 1000 * (phase + 1), refit_passes=self.args.refit_passes, writer=self.writer,
-                global_step=global_step)
-            self.real_env_steps += m["new_real_steps"]
-            self.refits += 1
-            self.timings["world_model_seconds"] += m["seconds"]
-            self.timings["real_collect_seconds"] += time.time() - t0 - m["seconds"]
-            self.writer.add_scalar("charts/real_env_steps", self.real_env_steps, global_step)
-
-    def finish(self, act_fn, global_step, run_dir, agent_path=None, scale=None, extra=None):
-        """Saves the world model (when refit here or fitted here), runs the final evaluation, writes summary.json
-        (with the script's `extra` keys) and prints the last lines. Returns the summary."""
-        args, model_path = self.args, self.args.world_model_path
-        if args.world_model_path is None or self.refits:
-            model_path = os.path.join(run_dir, "world_model.pt")
-            wm.save_world_model(self.model, model_path, extra={"real_env_steps": self.real_env_steps},
-                                buffer=self.buffer)
-        final = self.evaluator(act_fn, global_step, self.real_env_steps, model=self.model, final=True)
-        seen = [abs(e["real_return_mean"]) for e in self.evaluator.history + [final]]
-        summary = {
-            "algo": self.tag, "env_id": args.env_id, "seed": args.seed, "world_model": "learned",
-            "world_model_path": model_path, "real_return_mean": final["real_return_mean"],
-            "real_return_std": final["real_return_std"], "real_returns": final["returns"],
-            "eval_episodes": args.eval_episodes, "real_env_steps": self.real_env_steps,
-            "eval_env_steps": self.evaluator.env_steps, "imagined_steps": int(global_step),
-            "imagined_return_mean": final["imagined_return_mean"], "imagined_minus_real": final["imagined_minus_real"],
-            "real_return_scale": scale if scale else max(seen), "wall_seconds": time.time() - self.start_time,
-            **self.timings, "eval_seconds": self.evaluator.seconds, "target_return": self.evaluator.target,
-            "real_env_steps_to_target": self.evaluator.reached_at, "agent_path": agent_path, "run_dir": run_dir,
-            "eval_history": self.evaluator.history, **(extra or {}),
-        }
-        self.writer.close()
-        finish_run(self.tag, run_dir, summary)
-        return summary
-
-
-def replay_final_evaluation(tag, path, payload, act_fn):
-    """--eval-checkpoint: the run's own final real evaluation again (same env, episodes and seeds)."""
-    a = payload["args"]
-    seed = Evaluator(a["env_id"], a["seed"], a["eval_episodes"], writer=None).episode_seed(0)
-    returns, _ = wm.evaluate_in_real_env(act_fn, a["env_id"], a["eval_episodes"], seed)
-    print(f"[{tag}] {path}: real return {returns.mean():.1f} +/- {returns.std():.1f} over {len(returns)} episodes "
-          f"of {a['env_id']} (seed {a['seed']})")
-    return returns

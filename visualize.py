@@ -25,7 +25,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import world_model as wm
+import ensemble
+import real_env
+from run_io import atomic_path
 
 DPI = 100
 MAX_DIMS = 12  # observation dimensions drawn in an open-loop figure (the first ones); more make it unreadable
@@ -56,7 +58,7 @@ def save_figure(fig, path, dpi=DPI):
     The figure stays open (log it afterwards with `log_figure`). Returns the path."""
     from PIL import Image
 
-    with wm.atomic_path(path, ".png") as tmp:
+    with atomic_path(path, ".png") as tmp:
         image = Image.fromarray(figure_to_array(fig, dpi=dpi))
         image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
     return os.fspath(path)
@@ -83,10 +85,11 @@ def log_figure(writer, tag, fig, step):
     return image
 
 
-def write_open_loop(model, buffer, writer, step, name="open_loop"):
-    """The open-loop figure of `model` on `buffer`'s episodes, as runs/<run>/{name}.png (the latest one) and as a
-    TensorBoard image `world_model/{name}` at `step` (one per call). Returns the PNG's path."""
-    fig = open_loop_figure(model, buffer)
+def write_open_loop(model, buffer, writer, step, name="open_loop", refit=None):
+    """The open-loop figure of `model` (an `ensemble.EnsembleModel` or its network) on `buffer`'s episodes, as
+    runs/<run>/{name}.png (the latest one) and as a TensorBoard image `world_model/{name}` at `step` (one per call).
+    `refit`: the learner step of the refit the figure comes before, named in its title. Returns the PNG's path."""
+    fig = open_loop_figure(getattr(model, "net", model), buffer, refit=refit)
     path = save_figure(fig, os.path.join(writer.log_dir, f"{name}.png"))
     log_figure(writer, f"world_model/{name}", fig, step)
     return path
@@ -191,7 +194,8 @@ def k_step_errors(model, buffer, horizon, max_segments=2000, seed=0, with_median
     return (errors, counts, medians) if with_median else (errors, counts)
 
 
-def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims=MAX_DIMS, max_segments=2000):
+def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims=MAX_DIMS, max_segments=2000,
+                     refit=None):
     """Figure: for `num_episodes` real episodes of `buffer` (pass HELD-OUT data, e.g. the validation split of
     TransitionBuffer.split_episodes), every observation dimension and the reward over up to `horizon` steps: real
     (black) against the model's open-loop prediction from the same real start state with the same real actions,
@@ -273,8 +277,9 @@ def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims
     fig.legend(handles, labels, loc="center", ncol=len(labels), fontsize=8, frameon=False,
                bbox_to_anchor=(0.54, 1 - 0.52 / height))
     more = f", first {shown} of {d} obs dims" if shown < d else ""
-    fig.suptitle(f"{model.env_id or 'world model'}: open-loop prediction from the real start state with the real "
-                 f"actions ({model.ensemble_size} members{more})", fontsize=10, y=1 - 0.06 / height,
+    when = f" before the refit at step {refit}" if refit is not None else ""
+    fig.suptitle(f"{model.env_id or 'world model'}{when}: open-loop prediction from the real start state with the "
+                 f"real actions ({model.ensemble_size} members{more})", fontsize=10, y=1 - 0.06 / height,
                  va="top")
 
     ax = fig.add_subplot(bottom_grid[0, 0])
@@ -333,26 +338,28 @@ def _make_render_env(env_id, where):
 def _env_action(act_fn, obs, action_space, clip=True):
     """One action for one env from act_fn on a batch of one observation."""
     a = act_fn(np.asarray(obs, dtype=np.float32)[None])
-    a = wm.clip_action(a, action_space) if clip else wm._to_numpy(a)
+    a = real_env.clip_action(a, action_space) if clip else real_env.to_numpy(a)
     if isinstance(action_space, gym.spaces.Discrete):
         return int(np.asarray(a).reshape(-1)[0])
     return np.asarray(a, dtype=action_space.dtype).reshape(action_space.shape)
 
 
-def record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir, clip=True, max_steps=None):
+def record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir, clip=True, max_steps=None, model=None):
     """Plays `num_episodes` real episodes (reset seeds seed, seed+1, ..., as evaluate_in_real_env, so the returns
     match it) with act_fn(obs_batch (1, obs_dim) np.float32) -> actions, Box actions clipped to the bounds
     (`clip`), and writes one mp4 per episode to `video_dir` (the env's render_fps; the first frame is the reset
     state, so an episode of L steps has L+1 frames). `max_steps` cuts episodes short (None: to the end).
+    With `model`, the policy acts on the real env seen through it (`model.real_env`), as in evaluation.
     Returns (paths, returns (num_episodes,))."""
     paths, returns = [], np.zeros(num_episodes, dtype=np.float64)
     safe_id = env_id.replace("/", "_")
     for i in range(num_episodes):
         env = _make_render_env(env_id, "record_real_episodes")
+        env = env if model is None else model.real_env(env)
         fps = env.metadata.get("render_fps") or 30
         path = os.path.join(video_dir, f"{safe_id}__episode{i}__seed{seed + i}.mp4")
         try:
-            with wm.atomic_path(path, ".mp4") as tmp:
+            with atomic_path(path, ".mp4") as tmp:
                 writer = _video_writer(tmp, fps)
                 try:
                     obs, _ = env.reset(seed=seed + i)
@@ -443,13 +450,13 @@ def dream_vs_real_video(act_fn, model, env_id, seed, path, horizon=200, policy_o
     dream = _make_render_env(env_id, "dream_vs_real_video")
     try:
         state_from_obs_fn(real)  # the ValueError that says which envs work, before anything else
-        wm.check_env_matches(model, real.observation_space, real.action_space, env_id=repr(env_id))
+        ensemble.check_env_matches(model, real.observation_space, real.action_space, env_id=repr(env_id))
         action_space = real.action_space
         real_obs, _ = real.reset(seed=seed)
         dream.reset(seed=seed)
         dream_obs = np.asarray(real_obs, dtype=np.float32)
         fps = real.metadata.get("render_fps") or 30
-        with wm.atomic_path(path, ".mp4") as tmp:
+        with atomic_path(path, ".mp4") as tmp:
             writer = _video_writer(tmp, fps)
             real_rewards, dream_rewards = [], []
             dream_term_at = None
@@ -501,10 +508,11 @@ def capture_videos(act_fn, env_id, seed, run_dir, num_episodes, model=None):
     so the same returns as summary.json) and, with a world model and an env whose state can be set, one
     dream-vs-real video from the first of those starts. Returns the paths."""
     video_dir = os.path.join(run_dir, "videos")
-    paths, _ = record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir)
-    if model is not None:
+    paths, _ = record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir, model=model)
+    net = getattr(model, "net", None)  # the dream needs the reference ensemble's network (its predict)
+    if net is not None:
         try:
-            paths.append(dream_vs_real_video(act_fn, model, env_id, seed, os.path.join(video_dir, "dream_vs_real.mp4"))[0])
+            paths.append(dream_vs_real_video(act_fn, net, env_id, seed, os.path.join(video_dir, "dream_vs_real.mp4"))[0])
         except ValueError as e:  # no settable state (MuJoCo and others): the real videos are still there
             print(f"[video] no dream-vs-real video: {e}")
     return paths

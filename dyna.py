@@ -1,0 +1,288 @@
+"""The Dyna and evaluation driver the scripts share, written against the world-model interface (`world_model.py`)
+only: the model a run starts from (`model_from_args`, `initial_data`), a Dyna round (`dyna_round`: real data from
+the current policy through the model's view of the real env, then a warm refit), judging a policy in the real env
+and, beside it, in imagination (`Evaluator`), and the phases of the library examples (`DynaRounds`).
+"""
+import functools
+import time
+
+import gymnasium as gym
+import numpy as np
+
+import real_env
+import rl_utils as ru
+import world_model
+
+
+def model_from_args(args, device):
+    """The world model named by --world-model, loaded from --world-model-path when given; None for `none`.
+    Runs before the run dir exists: a bad spec or checkpoint is one line and leaves nothing behind."""
+    if args.world_model == world_model.NO_MODEL:
+        if args.world_model_path is not None:
+            raise ru.ArgError("--world-model-path", "no checkpoint with --world-model none", args.world_model_path,
+                              "Drop one of the two flags.")
+        return None
+    try:
+        model = world_model.make(args.world_model, env_id=args.env_id, seed=args.seed, device=device)
+    except world_model.WorldModelError as e:
+        raise ru.ArgError("--world-model", "ensemble, none, path/to/file.py:attr or package.module:attr",
+                          args.world_model, str(e)) from None
+    except ValueError as e:  # the model cannot be built for this env (its spaces, say)
+        raise ru.ArgError("--env-id", f"an env that --world-model {args.world_model} supports", args.env_id,
+                          " ".join(str(e).split())) from None
+    if args.world_model_path is not None:
+        try:
+            model = model.load(args.world_model_path)
+        except (OSError, ValueError) as e:
+            raise ru.ArgError("--world-model-path", f"a world-model checkpoint for {args.env_id}",
+                              args.world_model_path, " ".join(str(e).split())) from None
+    return model
+
+
+def vector_env_kind(args, model):
+    """--vector-env: `auto` is `batched` where the model offers a batched env, else `sync`."""
+    if model is None:
+        return None
+    batched = world_model.has_vector_env(model)
+    if args.vector_env == "auto":
+        return "batched" if batched else "sync"
+    if args.vector_env == "batched" and not batched:
+        raise ru.ArgError("--vector-env", "sync or async: the model offers no imagined_vector_env", "batched")
+    return args.vector_env
+
+
+def imagined_vector_env(model, kind, num_envs, seed, device, make_env, **settings):
+    """The imagined envs a script steps: the model's batched env (torch output on a GPU), or gymnasium's
+    SyncVectorEnv / AsyncVectorEnv (spawned workers) of the script's `make_env(seed)` thunks, NEXT_STEP autoreset
+    either way."""
+    if kind == "batched":
+        return model.imagined_vector_env(num_envs, seed=seed, output="torch" if str(device).startswith("cuda")
+                                         else "numpy", **settings)
+    vector_cls = gym.vector.SyncVectorEnv if kind == "sync" else functools.partial(gym.vector.AsyncVectorEnv,
+                                                                                    context="spawn")
+    return vector_cls([make_env(seed + i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def save_checkpoints(run, args, model, nets):
+    """What a run keeps, finished, interrupted or failed: agent.pt (`nets`: name -> module, those that exist) and,
+    where this run fitted or refit the world model, world_model.pt with its real data. Returns the paths."""
+    paths = {"world_model_path": args.world_model_path, "agent_path": None}
+    fitted_here = args.world_model_path is None or run.figures.get("refits", 0)
+    if model is not None and getattr(model, "learns", True) and fitted_here and run.model_fitted:
+        paths["world_model_path"] = model.save(run.path("world_model.pt"),
+                                               extra={"real_env_steps": run.figures["real_env_steps"]})
+    if nets:
+        paths["agent_path"] = ru.save_agent(run.path("agent.pt"), {k: v.state_dict() for k, v in nets.items()}, args,
+                                            paths["world_model_path"])
+    return paths
+
+
+def loaded_real_steps(model):
+    """The real transitions behind a loaded model, counted honestly: what its checkpoint says (train_world_model.py
+    keeps them in extra["summary"], the scripts in extra["real_env_steps"]), at least the data it carries."""
+    extra = getattr(model, "extra", None) or {}
+    steps = extra.get("real_env_steps", (extra.get("summary") or {}).get("real_env_steps", 0))
+    data = getattr(model, "data", None)
+    return max(int(steps or 0), len(data) if data is not None else 0)
+
+
+def initial_data(model, args, run, log, until_termination_policy=None):
+    """The real data a run starts from, and the real steps spent on it: none for a model that does not learn, the
+    checkpoint's for a loaded one, else `--initial-real-steps` uniform random transitions and a first fit.
+    until_termination_policy: when those end no episode in a termination, as many more are collected with it
+    (obs batch -> actions): a model that never saw an episode end predicts no ending (Acrobot's goal)."""
+    if not getattr(model, "learns", True):
+        return None, 0
+    if args.world_model_path is not None:
+        return getattr(model, "data", None), loaded_real_steps(model)
+    t0 = time.time()
+    log(f"collecting {args.initial_real_steps} random real transitions and fitting a world model")
+    data = real_env.collect_transitions(args.env_id, args.initial_real_steps, seed=args.seed)
+    if until_termination_policy is not None and not data.terminated.any():
+        data.extend(real_env.collect_transitions(args.env_id, args.initial_real_steps, seed=args.seed + 1,
+                                                 policy=until_termination_policy))
+        log(f"no random episode terminated: {args.initial_real_steps} more steps with the exploration policy, "
+            f"{int(data.terminated.sum())} termination(s)")
+    metrics = model.fit(data, seed=args.seed, writer=run.writer, global_step=0)
+    run.model_fitted = True
+    log(f"world model fitted on {len(data)} transitions in {metrics.get('seconds', time.time() - t0):.1f}s")
+    run.timings["world_model_seconds"] += time.time() - t0
+    return data, len(data)
+
+
+def refit(model, data, num_new, seed, refit_passes, writer, global_step):
+    """A warm refit after `num_new` transitions were appended to `data`. First the old model's open-loop picture on
+    the episodes it is about to learn from (where it was wrong about what the policy now does), for models that
+    can be drawn (they offer `predict`). Returns the fit's metrics, `figure_seconds` among them."""
+    t0 = time.time()
+    if writer is not None and callable(getattr(model, "predict", None)):
+        import visualize
+
+        visualize.write_open_loop(model, data.newest_episodes(num_new), writer, global_step,
+                                  "open_loop_before_refit", refit=global_step)
+    figure_seconds = time.time() - t0
+    metrics = model.fit(data, num_new, seed=seed, refit_passes=refit_passes, writer=writer, global_step=global_step)
+    return {**metrics, "figure_seconds": figure_seconds}
+
+
+def dyna_round(model, data, env_id, policy, num_steps, seed, refit_passes=20, writer=None, global_step=0):
+    """One Dyna round: `num_steps` real transitions with `policy` (obs batch -> actions, on the model's view of the
+    real env), then a warm refit on all real data. Returns (data, metrics): `new_real_steps`, `collect_seconds`
+    and the refit's metrics (`seconds`: the fit, `figure_seconds`: the picture before it)."""
+    t0 = time.time()
+    new = real_env.collect_transitions(env_id, num_steps, seed=seed, policy=policy, model=model)
+    data = new if data is None else data.extend(new)
+    collect_seconds = time.time() - t0
+    metrics = refit(model, data, len(new), seed, refit_passes, writer, global_step)
+    return data, {"new_real_steps": len(new), "collect_seconds": collect_seconds, **metrics}
+
+
+def evaluate_in_imagination(act_fn, model, num_episodes, seed, horizon=None):
+    """The same policy in the world model (no halt), one episode per row from real start states over `horizon`
+    (default: the real time limit). Set against the real return it shows how much the policy exploits model
+    errors. Returns the returns."""
+    horizon = horizon or getattr(model, "max_episode_steps", None) or 1000
+    if world_model.has_vector_env(model):
+        envs = model.imagined_vector_env(num_episodes, seed=seed, horizon=horizon, start="start")
+    else:
+        envs = gym.vector.SyncVectorEnv([lambda: model.imagined_env(horizon=horizon, start="start")
+                                            for _ in range(num_episodes)])
+    obs, _ = envs.reset(seed=seed)
+    returns, alive = np.zeros(num_episodes), np.ones(num_episodes, dtype=bool)
+    for _ in range(horizon):  # NEXT_STEP autoreset: a row counts until its first episode ends
+        obs, rewards, terms, truncs, _ = envs.step(real_env.clip_action(act_fn(real_env.to_numpy(obs)),
+                                                                        model.action_space))
+        returns += real_env.to_numpy(rewards) * alive
+        alive &= ~(real_env.to_numpy(terms) | real_env.to_numpy(truncs))
+        if not alive.any():
+            break
+    envs.close()
+    return returns
+
+
+class Evaluator:
+    """Periodic judgement of a policy in the real env seen through the model (and the same policy in imagination,
+    to show the gap).
+
+    Each evaluation plays fresh, disjoint real episode seeds; the final one (index 0) uses seeds that depend only
+    on the run's seed, so `--eval-checkpoint` reproduces it. `history` goes into summary.json (plot_runs.py reads
+    it); `reached_at` is the real_env_steps of the first evaluation whose mean reached `target`. TensorBoard gets
+    each evaluation against the learner's step (`eval/...`) and the real return against real transitions
+    (`eval/real_return_by_real_steps`: the sample-efficiency view).
+
+    The stop rule of every script is `solved(n)`: n evaluations in a row whose MEAN return reached `target`.
+    Gymnasium's reward_threshold is defined on the mean over episodes; asking it of consecutive evaluations on fresh
+    episode seeds keeps one lucky evaluation from stopping a run, and the final evaluation (its own seeds) shows
+    whether the policy holds."""
+
+    def __init__(self, env_id, seed, episodes, writer, target=None, model=None):
+        self.env_id, self.seed, self.episodes, self.writer, self.target = env_id, seed, episodes, writer, target
+        self.model = model
+        self.history, self.reached_at, self.seconds, self.env_steps = [], None, 0.0, 0
+        self.last_real, self.last_gap = float("nan"), float("nan")
+        self.evals_at_target = 0  # consecutive evaluations whose mean reached the target
+
+    def episode_seed(self, index):
+        return 10_000 * self.seed + index * self.episodes
+
+    def __call__(self, act_fn, global_step, real_env_steps, final=False):
+        t0 = time.time()
+        index = 0 if final else 1 + len(self.history)
+        returns, lengths = real_env.evaluate_in_real_env(act_fn, self.env_id, self.episodes, self.episode_seed(index),
+                                                         model=self.model)
+        self.env_steps += int(lengths.sum())
+        entry = {"global_step": int(global_step), "real_env_steps": int(real_env_steps),
+                 "real_return_mean": float(returns.mean()), "real_return_std": float(returns.std()),
+                 "real_length_mean": float(lengths.mean())}
+        if self.model is not None:
+            imagined = evaluate_in_imagination(act_fn, self.model, self.episodes, self.episode_seed(index))
+            entry["imagined_return_mean"] = float(imagined.mean())
+            entry["imagined_minus_real"] = float(imagined.mean() - returns.mean())
+            self.writer.add_scalar("eval/imagined_episodic_return", entry["imagined_return_mean"], global_step)
+            self.writer.add_scalar("eval/imagined_minus_real", entry["imagined_minus_real"], global_step)
+            self.last_gap = entry["imagined_minus_real"]
+        self.writer.add_scalar("eval/real_episodic_return", entry["real_return_mean"], global_step)
+        self.writer.add_scalar("eval/real_episodic_length", entry["real_length_mean"], global_step)
+        self.writer.add_scalar("eval/real_env_steps", real_env_steps, global_step)
+        self.writer.add_scalar("eval/real_return_by_real_steps", entry["real_return_mean"], real_env_steps)
+        self.last_real = entry["real_return_mean"]
+        if self.reached_at is None and self.target is not None and self.last_real >= self.target:
+            self.reached_at = int(real_env_steps)
+        if not final:
+            at_target = self.target is not None and self.last_real >= self.target
+            self.evals_at_target = self.evals_at_target + 1 if at_target else 0
+            self.history.append(dict(entry))  # without the returns array below
+        self.seconds += time.time() - t0
+        entry["returns"] = returns
+        return entry
+
+    def solved(self, consecutive):
+        return self.evals_at_target >= consecutive
+
+
+def replay_final_evaluation(tag, path, act_fn, model=None):
+    """--eval-checkpoint, the same in every script: the run's own final real evaluation again (same env, episodes
+    and seeds, through the run's world model), one line, and the figures as a dict."""
+    a = ru.load_agent(path)["args"]
+    seed = Evaluator(a["env_id"], a["seed"], a["eval_episodes"], writer=None).episode_seed(0)
+    returns, _ = real_env.evaluate_in_real_env(act_fn, a["env_id"], a["eval_episodes"], seed, model=model)
+    print(f"[{tag}] {path}: real return {returns.mean():.1f} +/- {returns.std():.1f} over {len(returns)} episodes "
+          f"of {a['env_id']} (seed {a['seed']})")
+    return {"real_return_mean": float(returns.mean()), "real_return_std": float(returns.std()),
+            "real_returns": returns.tolist()}
+
+
+def agent_world_model(payload, device="cpu"):
+    """The world model an agent.pt was trained with (its view of the real env), None for a model-free agent."""
+    a = payload["args"]
+    if a.get("world_model", world_model.NO_MODEL) == world_model.NO_MODEL:
+        return None
+    model = world_model.make(a["world_model"], env_id=a["env_id"], seed=a["seed"], device=device)
+    path = payload.get("world_model_path")
+    if path and getattr(model, "learns", True):
+        model = model.load(path)
+    return model
+
+
+class DynaRounds:
+    """args.real_iterations + 1 phases of imagined training with a Dyna round after every phase but the last, a
+    real evaluation every args.eval_every imagined steps (and always a final one), the status line and the summary:
+    the real-data side of the library examples (sb3_example.py, torchrl_example.py), whose learners run their own
+    loops. The script runs its learner for `phase_steps(phase)` imagined steps, then calls `end_phase`."""
+
+    def __init__(self, run, args, model, data, target=None):
+        self.run, self.args, self.model, self.data = run, args, model, data
+        self.num_phases, self.refits, self.last_eval = args.real_iterations + 1, 0, 0
+        self.evaluator = run.evaluator = Evaluator(args.env_id, args.seed, args.eval_episodes, run.writer, target,
+                                                   model)
+
+    def phase_steps(self, phase, unit=1):
+        """Imagined steps of `phase`: args.total_timesteps split evenly, in whole multiples of `unit`."""
+        units = -(-self.args.total_timesteps // unit)
+        return unit * (units // self.num_phases + (phase < units % self.num_phases))
+
+    def status(self, phase, global_step, imagined_return, sps):
+        print(f"[{self.run.tag}] iter {phase + 1}/{self.num_phases} step {global_step} imagined_return "
+              f"{ru.fmt(imagined_return)} real_return {ru.fmt(self.evaluator.last_real)} real_steps "
+              f"{self.run.figures['real_env_steps']} gap {ru.fmt(self.evaluator.last_gap)} SPS {int(sps)}", flush=True)
+
+    def end_phase(self, phase, global_step, act_fn, explore_fn):
+        """After phase `phase`: evaluate (act_fn: deterministic) when due, then a Dyna round with explore_fn."""
+        self.run.figures["imagined_steps"] = int(global_step)
+        last = phase == self.num_phases - 1
+        if ru.eval_due(self.args.eval_every, global_step, self.last_eval) and not last:
+            self.last_eval = global_step
+            self.evaluator(act_fn, global_step, self.run.figures["real_env_steps"])
+        if not last and getattr(self.model, "learns", True):
+            self.data, m = dyna_round(self.model, self.data, self.args.env_id, explore_fn,
+                                      self.args.real_steps_per_iteration, seed=self.args.seed + 1000 * (phase + 1),
+                                      refit_passes=self.args.refit_passes, writer=self.run.writer,
+                                      global_step=global_step)
+            self.run.add_dyna_round(m)
+            self.refits += 1
+
+    def finish(self, act_fn, global_step, extra=None):
+        """The final evaluation, summary.json (with the script's `extra` keys) and the last lines."""
+        self.run.figures["imagined_steps"] = int(global_step)
+        final = self.evaluator(act_fn, global_step, self.run.figures["real_env_steps"], final=True)
+        return self.run.finish(final, **(extra or {}))

@@ -1,0 +1,699 @@
+"""The reference world model: a probabilistic MLP ensemble learned from real transitions, and `EnsembleModel`, its
+implementation of the world-model interface (`world_model.py`).
+
+The network (`EnsembleWorldModel`), its fitting (`fit_world_model`: warm-started and budgeted for Dyna refits),
+its accuracy on held-out data (`evaluate_world_model`) and its atomic checkpoints (`save_world_model`,
+`load_world_model`). Its imagination adapters live in `ensemble_imagination.py`.
+"""
+import contextlib
+import math
+import os
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import world_model
+from ensemble_imagination import make_imagined_env, make_imagined_vector_env
+from real_env import TransitionBuffer, make_real_env, to_numpy
+from run_io import json_safe, save_torch_atomic
+
+CHECKPOINT_FORMAT = "world-model-env/ensemble"
+CHECKPOINT_VERSION = 2
+K_STEPS = (1, 10, 50)
+
+def check_spaces_supported(observation_space, action_space, where):
+    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
+        raise ValueError(
+            f"{where}: observation_space must be a 1-D gymnasium.spaces.Box, got {observation_space!r}. "
+            "The ensemble world model only handles flat vector observations (e.g. CartPole-v1, Acrobot-v1, "
+            "MountainCar-v0, Pendulum-v1); flatten other observations with gymnasium.wrappers.FlattenObservation."
+        )
+    if isinstance(action_space, gym.spaces.Discrete):
+        return
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        return
+    raise ValueError(
+        f"{where}: action_space must be gymnasium.spaces.Discrete or a 1-D Box, got {action_space!r}."
+    )
+
+
+def _space_to_dict(space):
+    """Serialises a supported space to tensors/primitives (safe for torch.load(weights_only=True))."""
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.Box):
+        return {
+            "type": "Box",
+            "low": torch.from_numpy(np.array(space.low, copy=True)),
+            "high": torch.from_numpy(np.array(space.high, copy=True)),
+            "shape": [int(s) for s in space.shape],
+            "dtype": str(np.dtype(space.dtype)),
+        }
+    raise ValueError(f"cannot serialise space {space!r}")
+
+
+def _space_from_dict(d):
+    if d["type"] == "Discrete":
+        return gym.spaces.Discrete(int(d["n"]), start=int(d.get("start", 0)))
+    if d["type"] == "Box":
+        return gym.spaces.Box(
+            low=d["low"].numpy(), high=d["high"].numpy(), shape=tuple(d["shape"]), dtype=np.dtype(d["dtype"])
+        )
+    raise ValueError(f"unknown space type {d['type']!r}")
+
+
+def _describe_space_difference(expected, got):
+    """Returns None when the spaces match (type, shape, dtype, bounds/n), else a short description."""
+    if type(expected) is not type(got):
+        return f"{type(got).__name__} instead of {type(expected).__name__}"
+    if isinstance(expected, gym.spaces.Discrete):
+        if expected.n != got.n or expected.start != got.start:
+            return f"Discrete(n={got.n}, start={got.start}) instead of Discrete(n={expected.n}, start={expected.start})"
+        return None
+    if expected.shape != got.shape:
+        return f"shape {got.shape} instead of {expected.shape}"
+    if expected.dtype != got.dtype:
+        return f"dtype {got.dtype} instead of {expected.dtype}"
+    if not (np.array_equal(expected.low, got.low) and np.array_equal(expected.high, got.high)):
+        return f"bounds [{got.low}, {got.high}] instead of [{expected.low}, {expected.high}]"
+    return None
+
+
+def check_env_matches(model, observation_space, action_space, env_id="the given env"):
+    """Raises a clear ValueError if the spaces differ from the ones the model was trained on."""
+    for name, expected, got in (
+        ("observation_space", model.observation_space, observation_space),
+        ("action_space", model.action_space, action_space),
+    ):
+        diff = _describe_space_difference(expected, got)
+        if diff is not None:
+            raise ValueError(
+                f"world model trained on {model.env_id!r} does not fit {env_id}: {name} is {diff}. "
+                f"Train a model for this env with `python train_world_model.py --env-id {env_id}` "
+                "or load the checkpoint that belongs to it."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+class EnsembleLinear(nn.Module):
+    """E independent linear layers evaluated with one batched matmul: (E,B,in) or (B,in) -> (E,B,out)."""
+
+    def __init__(self, ensemble_size, in_features, out_features):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, out_features))
+
+    def forward(self, x):
+        if x.dim() == 2:  # shared input for all members: broadcasting matmul, no copy
+            return torch.matmul(x, self.weight) + self.bias
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleWorldModel(nn.Module):
+    """Probabilistic MLP ensemble: (obs, action) -> Gaussian over normalised [obs delta, reward], plus a small
+    termination classifier ensemble on (obs, action, next obs).
+
+    Why a separate classifier on the next obs: termination is (for these control tasks) a threshold on the state
+    the env lands in, e.g. |theta'| > 0.2095 for CartPole. From (obs, action) alone the net has to compose the
+    dynamics with the threshold and the boundary comes out blurred (measured: precision ~0.5 or recall ~0.1
+    depending on the class weight); given the next obs it is a sharp, axis-aligned cut. It is trained on real
+    next observations and applied to the predicted one in imagination.
+
+    Normalisation statistics and clip bounds are buffers (saved with the state_dict); the real start observations
+    and a subsample of buffer states are kept as non-persistent buffers and stored separately in the checkpoint.
+    """
+
+    def __init__(self, observation_space, action_space, *, ensemble_size=5, hidden_size=128, num_layers=3,
+                 env_id=None, max_episode_steps=None):
+        super().__init__()
+        check_spaces_supported(observation_space, action_space, "EnsembleWorldModel")
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.env_id = env_id
+        self.max_episode_steps = max_episode_steps  # the real env's time limit: the default imagination horizon
+        self.ensemble_size = ensemble_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.obs_dim = int(observation_space.shape[0])
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.act_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
+        self.in_dim = self.obs_dim + self.act_dim
+        self.out_dim = self.obs_dim + 1  # delta, reward
+
+        layers, d = [], self.in_dim
+        for _ in range(num_layers):
+            layers.append(EnsembleLinear(ensemble_size, d, hidden_size))
+            d = hidden_size
+        self.hidden = nn.ModuleList(layers)
+        self.head = EnsembleLinear(ensemble_size, d, 2 * self.out_dim)
+        term_hidden = max(32, hidden_size // 2)
+        self.term_net = nn.ModuleList([
+            EnsembleLinear(ensemble_size, self.in_dim + self.obs_dim, term_hidden),
+            EnsembleLinear(ensemble_size, term_hidden, term_hidden),
+            EnsembleLinear(ensemble_size, term_hidden, 1),
+        ])
+        # soft log-variance bounds (learned), keep the NLL from collapsing variance on easy dimensions
+        self.max_logvar = nn.Parameter(torch.full((self.out_dim,), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((self.out_dim,), -10.0))
+
+        self.register_buffer("in_mean", torch.zeros(self.in_dim))
+        self.register_buffer("in_std", torch.ones(self.in_dim))
+        self.register_buffer("out_mean", torch.zeros(self.out_dim))
+        self.register_buffer("out_std", torch.ones(self.out_dim))
+        # targets that were constant in the data (CartPole's reward of 1) are reproduced exactly, not approximately
+        self.register_buffer("out_constant", torch.zeros(self.out_dim, dtype=torch.bool))
+        self.register_buffer("obs_std", torch.ones(self.obs_dim))
+        # imagination clip range: data range widened by its own width, intersected with the space bounds
+        self.register_buffer("obs_clip_low", torch.full((self.obs_dim,), -1e6))
+        self.register_buffer("obs_clip_high", torch.full((self.obs_dim,), 1e6))
+        self.register_buffer("reward_clip", torch.tensor([-1e6, 1e6]))
+        # lowest real rewards of non-terminal and of terminal steps: the halt rule's lower bound on a return
+        self.register_buffer("reward_min", torch.zeros(()))
+        self.register_buffer("terminal_reward_min", torch.zeros(()))
+        # 99th percentile of the members' disagreement on real (obs, action) pairs: the halt rule's unit
+        self.register_buffer("disagreement_ref", torch.ones(()))
+        if self.discrete:
+            self.register_buffer("act_low", torch.zeros(0))
+            self.register_buffer("act_high", torch.zeros(0))
+        else:
+            self.register_buffer("act_low", torch.as_tensor(np.nan_to_num(action_space.low, neginf=-1e6), dtype=torch.float32))
+            self.register_buffer("act_high", torch.as_tensor(np.nan_to_num(action_space.high, posinf=1e6), dtype=torch.float32))
+        self.register_buffer("start_obs", torch.zeros(0, self.obs_dim), persistent=False)
+        self.register_buffer("buffer_obs", torch.zeros(0, self.obs_dim), persistent=False)
+        # the real transitions behind a loaded checkpoint (a TransitionBuffer), None when it carries none; Dyna
+        # refits of a loaded model start from them so the refit sees all real data, not only the new data
+        self.buffer = None
+
+    @property
+    def device(self):
+        return self.in_mean.device
+
+    def config(self):
+        return {"ensemble_size": self.ensemble_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers}
+
+    # ---- normalisation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_statistics(self, buffer: TransitionBuffer, num_buffer_states=10000, seed=0, normalisation=True):
+        """Sets input/output normalisation (unless `normalisation=False`: a warm refit keeps it), the clip bounds,
+        the lowest reward and the stored start/buffer states from real data."""
+        dev = self.device
+        obs = torch.as_tensor(buffer.obs, device=dev)
+        next_obs = torch.as_tensor(buffer.next_obs, device=dev)
+        x = self.model_input(obs, self.encode_action(buffer.actions), normalise=False)
+        y = torch.cat([next_obs - obs, torch.as_tensor(buffer.rewards, device=dev)[:, None]], dim=1)
+
+        def std_of(t):  # constant features (e.g. CartPole's reward) get std 1 so they are not blown up
+            s = t.std(0)
+            return torch.where(s < 1e-6, torch.ones_like(s), s)
+
+        all_obs = torch.cat([obs, next_obs])
+        if normalisation:
+            self.in_mean.copy_(x.mean(0))
+            self.in_std.copy_(std_of(x))
+            self.out_mean.copy_(y.mean(0))
+            self.out_std.copy_(std_of(y))
+            self.out_constant.copy_(y.std(0) < 1e-6 if len(y) > 1 else torch.zeros_like(self.out_constant))
+            self.obs_std.copy_(std_of(all_obs))
+        lo, hi = all_obs.min(0).values, all_obs.max(0).values
+        width = (hi - lo).clamp_min(1e-3)
+        space_lo = torch.as_tensor(np.nan_to_num(self.observation_space.low, neginf=-1e6), dtype=torch.float32, device=dev)
+        space_hi = torch.as_tensor(np.nan_to_num(self.observation_space.high, posinf=1e6), dtype=torch.float32, device=dev)
+        self.obs_clip_low.copy_(torch.maximum(lo - width, space_lo))
+        self.obs_clip_high.copy_(torch.minimum(hi + width, space_hi))
+        r = y[:, -1]
+        r_width = (r.max() - r.min()).clamp_min(1e-3)
+        self.reward_clip.copy_(torch.stack([r.min() - r_width, r.max() + r_width]))
+        # a large penalty that only ends episodes (LunarLander's crash, -100) is paid once, not forever
+        terminal = torch.as_tensor(buffer.terminated, device=dev)
+        self.reward_min.copy_(r[~terminal].min() if (~terminal).any() else torch.zeros(()))
+        self.terminal_reward_min.copy_(r[terminal].min() if terminal.any() else torch.zeros(()))
+        self.start_obs = torch.as_tensor(buffer.start_obs, device=dev).clone()
+        rng = np.random.default_rng(seed)
+        n = min(num_buffer_states, len(buffer))
+        self.buffer_obs = obs[torch.as_tensor(rng.choice(len(buffer), size=n, replace=False), device=dev)].clone()
+
+    # ---- encoding / forward ------------------------------------------------------------------------------------
+    def encode_action(self, action):
+        """Actions (numpy/torch/list, batched) -> float features on model.device: one-hot or clipped Box."""
+        a = torch.as_tensor(to_numpy(action) if not isinstance(action, torch.Tensor) else action, device=self.device)
+        if self.discrete:
+            idx = a.reshape(-1).long() - int(self.action_space.start)
+            if idx.numel() and (idx.min() < 0 or idx.max() >= self.act_dim):
+                raise ValueError(
+                    f"action out of range for {self.action_space}: got values in [{int(idx.min()) + self.action_space.start}, "
+                    f"{int(idx.max()) + self.action_space.start}]"
+                )
+            return F.one_hot(idx, self.act_dim).float()
+        a = a.float().reshape(-1, self.act_dim)
+        return torch.maximum(torch.minimum(a, self.act_high), self.act_low)  # the real env clips too (e.g. Pendulum)
+
+    def model_input(self, obs, act_features, normalise=True):
+        x = torch.cat([obs.float(), act_features], dim=-1)
+        return (x - self.in_mean) / self.in_std if normalise else x
+
+    def forward(self, x_norm):
+        """x_norm (B,in) or (E,B,in) -> mean (E,B,out), logvar (E,B,out) of the normalised [delta, reward]."""
+        h = x_norm
+        for layer in self.hidden:
+            h = F.silu(layer(h))
+        out = self.head(h)
+        mean, logvar = out[..., : self.out_dim], out[..., self.out_dim:]
+        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar
+
+    def termination_logits(self, x_norm, next_obs):
+        """x_norm (B,in) or (E,B,in), next_obs (B,obs_dim) or (E,B,obs_dim) raw -> termination logits (E,B)."""
+        d = self.obs_dim
+        nx = (next_obs.float() - self.in_mean[:d]) / self.in_std[:d]
+        if nx.dim() == 3 and x_norm.dim() == 2:
+            x_norm = x_norm.expand(nx.shape[0], -1, -1)
+        h = torch.cat([x_norm, nx], dim=-1)
+        for i, layer in enumerate(self.term_net):
+            h = layer(h)
+            if i < len(self.term_net) - 1:
+                h = F.silu(h)
+        return h[..., 0]
+
+    @torch.no_grad()
+    def predict(self, obs, action, members=None, noise=None):
+        """One batched step. obs (B,obs_dim) tensor, action batch. members (B,) long chooses one member per row
+        (None: ensemble mean). noise (B,out_dim) standard normals or None. Returns next_obs (B,obs_dim),
+        reward (B,), termination logit (B,), disagreement (B,): std across members of the normalised prediction.
+        All members run in one batched matmul; the chosen member's row is then gathered (no per-row loop)."""
+        obs = obs.to(self.device, torch.float32)
+        x = self.model_input(obs, self.encode_action(action))
+        mean, logvar = self(x)
+        if self.ensemble_size > 1:
+            disagreement = mean[..., : self.obs_dim].std(0).mean(-1)
+        else:
+            disagreement = torch.zeros(len(obs), device=self.device)
+        if members is None:
+            m = mean.mean(0)
+        else:
+            rows = torch.arange(len(obs), device=self.device)
+            m = mean[members, rows]
+            if noise is not None:
+                m = m + noise * torch.exp(0.5 * logvar[members, rows])
+        y = torch.where(self.out_constant, self.out_mean, m * self.out_std + self.out_mean)
+        next_obs = torch.minimum(torch.maximum(obs + y[:, : self.obs_dim], self.obs_clip_low), self.obs_clip_high)
+        reward = y[:, -1].clamp(self.reward_clip[0], self.reward_clip[1])
+        logits = self.termination_logits(x, next_obs)
+        if members is None:  # ensemble mean probability, back to a logit
+            logit = torch.logit(torch.sigmoid(logits).mean(0).clamp(1e-6, 1 - 1e-6))
+        else:
+            logit = logits[members, rows]
+        return next_obs, reward, logit, disagreement
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fitting and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def _tensors(model, buffer):
+    dev = model.device
+    obs = torch.as_tensor(buffer.obs, device=dev)
+    x = model.model_input(obs, model.encode_action(buffer.actions))
+    y = torch.cat([torch.as_tensor(buffer.next_obs, device=dev) - obs, torch.as_tensor(buffer.rewards, device=dev)[:, None]], 1)
+    y = (y - model.out_mean) / model.out_std
+    term = torch.as_tensor(buffer.terminated, device=dev).float()
+    return x, y, term, torch.as_tensor(buffer.next_obs, device=dev)
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads):
+    """Runs the block with `num_threads` torch threads (0: leave them). A fit works on 256-row minibatches of a
+    128-wide net: one thread is as fast as two on a quiet 2-core machine, and two threads collapse while anything
+    else uses a core (measured, the README's snippet: 6.5 s with one thread, 56-143 s with torch's default two)."""
+    before = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
+    """Fits a new EnsembleWorldModel on `buffer`, or refits `model` in place from its current weights (Dyna), with
+    `num_threads` torch threads (see `torch_threads`). Keywords: see `_fit_world_model`. Returns (model, metrics)."""
+    with torch_threads(num_threads):
+        return _fit_world_model(buffer, model, **kwargs)
+
+
+def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size=128, num_layers=3,
+                    learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5,
+                    max_updates=None, val_fraction=0.1, num_buffer_states=10000, env_id=None,
+                    max_episode_steps=None, termination_pos_weight="sqrt", device="cpu", writer=None,
+                    global_step=0, verbose=False):
+    """The fit behind `fit_world_model`.
+
+    Whole episodes are split into train/validation (`val_fraction`); training stops once no member improved its
+    validation score by >1% for `patience` epochs, or after `max_updates` minibatch updates (the budget of a
+    refit, see `EnsembleModel.fit`), and each member keeps its best snapshot (MBPO-style). A new model takes its
+    normalisation from the data; a refit keeps it (so the warm weights stay valid) and only widens the clip range
+    and the stored start/buffer states. Returns (model, metrics): epochs, updates, train_loss, val_mse,
+    val_term_bce, seconds, num_train, num_val.
+    """
+    t0 = time.time()
+    if termination_pos_weight not in ("ratio", "sqrt", "none"):
+        raise ValueError(
+            f"fit_world_model: termination_pos_weight must be 'ratio', 'sqrt' or 'none', got {termination_pos_weight!r}"
+        )
+    if len(buffer) < 2:
+        raise ValueError(f"fit_world_model: buffer needs at least 2 transitions, got {len(buffer)}")
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    new_model = model is None
+    if new_model:
+        env_id = env_id or buffer.env_id
+        if env_id is None:
+            raise ValueError("fit_world_model: pass env_id=... (or a buffer from collect_transitions) for a new model")
+        spec_env = make_real_env(env_id, "fit_world_model")
+        if max_episode_steps is None:
+            max_episode_steps = spec_env.spec.max_episode_steps if spec_env.spec is not None else None
+        torch.manual_seed(seed)
+        model = EnsembleWorldModel(
+            spec_env.observation_space, spec_env.action_space, ensemble_size=ensemble_size, hidden_size=hidden_size,
+            num_layers=num_layers, env_id=env_id, max_episode_steps=max_episode_steps,
+        ).to(device)
+        spec_env.close()
+    if val_fraction > 0 and len(buffer) >= 4:
+        train_buf, val_buf = buffer.split_episodes(val_fraction, seed=int(rng.integers(2**31)))
+    else:
+        train_buf, val_buf = buffer, None
+    model.set_statistics(train_buf, num_buffer_states=num_buffer_states, seed=seed, normalisation=new_model)
+    x, y, term, nxt = _tensors(model, train_buf)
+    n_pos = float(term.sum())
+    # class imbalance: terminations are rare (~1/length of an episode), so up-weight them
+    ratio = (len(term) - n_pos) / n_pos if n_pos > 0 else 1.0
+    pw = {"ratio": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[termination_pos_weight]
+    pos_weight = torch.tensor(pw, device=model.device)
+    xv = yv = tv = nv = None
+    if val_buf is not None and len(val_buf):
+        xv, yv, tv, nv = _tensors(model, val_buf)
+    opt = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    E, N = model.ensemble_size, len(x)
+
+    def val_scores():
+        with torch.no_grad():
+            mean, _ = model(xv)
+            logit = model.termination_logits(xv, nv)
+            mse = ((mean - yv) ** 2).mean(dim=(1, 2))
+            bce = F.binary_cross_entropy_with_logits(logit, tv.expand_as(logit), reduction="none").mean(1)
+        return mse, bce
+
+    if xv is not None:
+        mse, bce = val_scores()
+        best = (mse + bce).clone()
+        # per-member parameters (leading ensemble axis); the shared log-variance bounds are not snapshotted
+        snapshot = {k: p.detach().clone() for k, p in model.named_parameters() if "logvar" not in k}
+    epochs_since, epoch, updates, train_loss = 0, 0, 0, float("nan")
+    val_mse = val_bce = float("nan")
+    budget = max_updates if max_updates is not None else math.inf
+    while epoch < max_epochs and updates < budget:
+        epoch += 1
+        model.train()
+        perms = torch.stack([torch.randperm(N, generator=gen) for _ in range(E)]).to(model.device)
+        total = torch.zeros((), device=model.device)  # summed on the device: no host sync per update
+        count = 0
+        for lo in range(0, N, batch_size):
+            if updates >= budget:
+                break
+            idx = perms[:, lo: lo + batch_size]
+            xb, yb, tb = x[idx], y[idx], term[idx]
+            mean, logvar = model(xb)
+            logit = model.termination_logits(xb, nxt[idx])
+            nll = (((mean - yb) ** 2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2))
+            bce = F.binary_cross_entropy_with_logits(logit, tb, pos_weight=pos_weight, reduction="none").mean(1)
+            loss = (nll + bce).sum() + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.detach() / E
+            count += 1
+            updates += 1
+        train_loss = float(total) / max(count, 1)
+        model.eval()
+        improved = False
+        if xv is not None:
+            mse, bce = val_scores()
+            score = mse + bce
+            better = score < best - 0.01 * best.abs()
+            if bool(better.any()):
+                improved = True
+                best = torch.where(better, score, best)
+                with torch.no_grad():
+                    for k, p in model.named_parameters():
+                        if k in snapshot:
+                            snapshot[k][better] = p.detach()[better]
+            val_mse, val_bce = float(mse.mean()), float(bce.mean())
+        if verbose:
+            print(f"epoch={epoch} train_loss={train_loss:.4f} val_mse={val_mse:.5f} val_term_bce={val_bce:.4f} "
+                  f"t={time.time() - t0:.1f}s", flush=True)
+        epochs_since = 0 if improved else epochs_since + 1
+        if xv is not None and epochs_since >= patience:
+            break
+    if xv is not None:
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                if k in snapshot:
+                    p.copy_(snapshot[k])
+        mse, bce = val_scores()
+        val_mse, val_bce = float(mse.mean()), float(bce.mean())
+    model.eval()
+    model.disagreement_ref.copy_(_disagreement_quantile(model, train_buf, seed))
+    metrics = {
+        "epochs": epoch, "updates": updates, "train_loss": train_loss, "val_mse": val_mse, "val_term_bce": val_bce,
+        "seconds": time.time() - t0, "num_train": len(train_buf), "num_val": 0 if val_buf is None else len(val_buf),
+    }
+    if writer is not None:
+        for k in ("train_loss", "val_mse", "val_term_bce", "updates", "seconds"):
+            writer.add_scalar(f"world_model/{k}", metrics[k], global_step)
+    return model, metrics
+
+
+@torch.no_grad()
+def _disagreement_quantile(model, buffer, seed, quantile=0.99, max_rows=10000):
+    """The members' disagreement that counts as "inside the data": its 99th percentile on real (obs, action)."""
+    rows = np.random.default_rng(seed).choice(len(buffer), size=min(max_rows, len(buffer)), replace=False)
+    disagreement = model.predict(torch.as_tensor(buffer.obs[rows], device=model.device), buffer.actions[rows])[3]
+    return torch.quantile(disagreement.float(), quantile).clamp_min(1e-6)
+
+
+@torch.no_grad()
+def evaluate_world_model(model, buffer, ks=K_STEPS):
+    """Accuracy on (held-out) real data, using the ensemble mean:
+    one_step_mse: MSE of the normalised obs delta (1.0 = no better than predicting the mean delta);
+    reward_mae: mean absolute reward error in reward units;
+    termination_precision/recall: for P(terminated) > 0.5 (None when undefined: no predicted/true positives);
+    k_step_error_{k}: open-loop error after replaying k real actions from a real obs, as the mean squared error in
+    units of the data's per-dimension obs std, over all k-step segments that stay inside one episode
+    (k_step_count_{k} says how many segments there were; None when there were none)."""
+    dev = model.device
+    obs = torch.as_tensor(buffer.obs, device=dev)
+    next_obs, reward, logit, _ = model.predict(obs, buffer.actions)
+    delta_std = model.out_std[: model.obs_dim]
+    true_next = torch.as_tensor(buffer.next_obs, device=dev)
+    one_step = (((next_obs - true_next) / delta_std) ** 2).mean()
+    reward_mae = (reward - torch.as_tensor(buffer.rewards, device=dev)).abs().mean()
+    pred_term = (logit > 0).cpu().numpy()
+    true_term = buffer.terminated
+    tp = int((pred_term & true_term).sum())
+    precision = tp / int(pred_term.sum()) if pred_term.sum() > 0 else None
+    recall = tp / int(true_term.sum()) if true_term.sum() > 0 else None
+    out = {
+        "one_step_mse": float(one_step), "reward_mae": float(reward_mae),
+        "termination_precision": precision, "termination_recall": recall,
+        "num_test_transitions": len(buffer), "num_test_terminations": int(true_term.sum()),
+    }
+    ids = buffer.episode_ids
+    for k in ks:
+        starts = np.nonzero(ids[: len(ids) - k + 1] == ids[k - 1:])[0] if len(ids) >= k else np.zeros(0, np.int64)
+        out[f"k_step_count_{k}"] = int(len(starts))
+        if len(starts) == 0:
+            out[f"k_step_error_{k}"] = None
+            continue
+        o = obs[torch.as_tensor(starts, device=dev)]
+        for j in range(k):
+            o, _, _, _ = model.predict(o, buffer.actions[starts + j])
+        target = true_next[torch.as_tensor(starts + k - 1, device=dev)]
+        out[f"k_step_error_{k}"] = float((((o - target) / model.obs_std) ** 2).mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+def _buffer_to_dict(buffer):
+    """Serialises a TransitionBuffer to tensors/primitives (safe for torch.load(weights_only=True))."""
+    out = {name: torch.from_numpy(np.ascontiguousarray(getattr(buffer, name)))
+           for name in (*TransitionBuffer.FIELDS, "start_obs")}
+    out["env_id"] = buffer.env_id
+    return out
+
+
+def _buffer_from_dict(d, obs_dim):
+    """Rebuilds the TransitionBuffer written by _buffer_to_dict; checks it fits a model with `obs_dim`."""
+    if not isinstance(d, dict):
+        raise ValueError(f"buffer must be a dict, got {type(d).__name__}")
+    arrays = {name: d[name].numpy() for name in (*TransitionBuffer.FIELDS, "start_obs")}
+    buffer = TransitionBuffer(**arrays, env_id=d.get("env_id"))
+    if len(buffer) and buffer.obs.shape[1] != obs_dim:
+        raise ValueError(f"buffer observations have {buffer.obs.shape[1]} dims, the model has {obs_dim}")
+    return buffer
+
+
+def save_world_model(model, path, extra=None, buffer=None):
+    """Writes the checkpoint atomically (temporary file in the same directory, then os.replace).
+    The payload is tensors and primitive containers only, so it loads with torch.load(weights_only=True).
+
+    `buffer` (a TransitionBuffer, optional): the real transitions the model was fitted on. Stored in the
+    checkpoint (CartPole, 20k transitions: ~1 MB) so that a later Dyna refit of the loaded model
+    (`fit_world_model(model.buffer.extend(new), model=model)`) sees all real data and recomputes its
+    normalisation from it; load_world_model returns it as `model.buffer`. Without it the key is left out."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "env_id": model.env_id,
+        "max_episode_steps": model.max_episode_steps,
+        "observation_space": _space_to_dict(model.observation_space),
+        "action_space": _space_to_dict(model.action_space),
+        "config": model.config(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "start_obs": model.start_obs.detach().cpu(),
+        "buffer_obs": model.buffer_obs.detach().cpu(),
+        "extra": json_safe(extra or {}),
+    }
+    if buffer is not None:
+        if not isinstance(buffer, TransitionBuffer):
+            raise TypeError(f"save_world_model: buffer must be a TransitionBuffer or None, got {type(buffer).__name__}")
+        payload["buffer"] = _buffer_to_dict(buffer)
+    return save_torch_atomic(path, payload)
+
+
+
+def load_world_model(path, device="cpu", env_id=None):
+    """Rebuilds an EnsembleWorldModel from a checkpoint written by save_world_model / train_world_model.py.
+    `model.buffer` is the checkpoint's real data (a TransitionBuffer) or None when it was saved without one
+    (the "buffer" key is optional).
+
+    Raises FileNotFoundError for a missing file and ValueError for a truncated/corrupt/foreign/too-new file,
+    or when `env_id` is given and its spaces differ from the checkpoint's."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"world-model checkpoint {path!r} does not exist. Train one with "
+            "`python train_world_model.py --env-id <ENV_ID>`; it is written to runs/<run_name>/world_model.pt."
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/pickle errors differ between torch versions; all mean the same to the user
+        raise ValueError(
+            f"{path!r} is not a readable world-model checkpoint (truncated or corrupt): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Re-run train_world_model.py to write a new one."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = sorted(map(str, payload))[:8] if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(
+            f"{path!r} is a torch file but not a world-model checkpoint: expected a dict with "
+            f"format={CHECKPOINT_FORMAT!r}, found {found}. Load a world_model.pt written by train_world_model.py."
+        )
+    version = payload.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path!r} has world-model checkpoint version {version!r}, this code reads version {CHECKPOINT_VERSION}. "
+            "Re-train with the current train_world_model.py."
+        )
+    try:
+        observation_space = _space_from_dict(payload["observation_space"])
+        action_space = _space_from_dict(payload["action_space"])
+        cfg = payload["config"]
+        model = EnsembleWorldModel(
+            observation_space, action_space, ensemble_size=cfg["ensemble_size"], hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_layers"], env_id=payload["env_id"], max_episode_steps=payload["max_episode_steps"],
+        )
+        model.load_state_dict(payload["state_dict"])
+        model.start_obs = payload["start_obs"].float()
+        model.buffer_obs = payload["buffer_obs"].float()
+        if payload.get("buffer") is not None:  # optional: checkpoints saved without their data have no "buffer"
+            model.buffer = _buffer_from_dict(payload["buffer"], model.obs_dim)
+    except (KeyError, AttributeError, RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path!r} is a damaged world-model checkpoint: {type(e).__name__}: {e}") from None
+    model.extra = payload.get("extra", {})
+    model.checkpoint_path = path
+    model.eval()
+    if env_id is not None:
+        env = make_real_env(env_id, "load_world_model")
+        try:
+            check_env_matches(model, env.observation_space, env.action_space, env_id=repr(env_id))
+        finally:
+            env.close()
+    return model.to(device)
+
+
+
+
+class EnsembleModel(world_model.WorldModel):
+    """The reference ensemble behind the world-model interface (`world_model.py`): it learns from transitions,
+    steps all imagined envs in one batched call, and sees the real env as it is (its observation is the state).
+    `net` is the `EnsembleWorldModel` once fitted or loaded; `data` the real transitions it was fitted on."""
+
+    def __init__(self, env_id, seed=0, device="cpu", termination_pos_weight="sqrt"):
+        env = make_real_env(env_id, "EnsembleModel")
+        check_spaces_supported(env.observation_space, env.action_space, f"EnsembleModel(env_id={env_id!r})")
+        self.observation_space, self.action_space = env.observation_space, env.action_space
+        self.max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
+        env.close()
+        self.env_id, self.seed, self.device = env_id, seed, str(device)
+        # terminations are weighted by sqrt(negatives/positives) in the loss; "ratio" for a learner that only goes
+        # where the model predicts a rare goal (DQN on Acrobot, see dqn_imagined.py)
+        self.termination_pos_weight = termination_pos_weight
+        self.net, self.data, self.extra = None, None, {}
+
+    def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
+        """A new fit on `data`, or (num_new: the transitions just appended) a warm refit from the current weights
+        whose budget is what the new data is worth: at most the minibatch updates of `refit_passes` passes over
+        it, drawn from all data, early stopping on top."""
+        budget = None if num_new is None else max(1, math.ceil(refit_passes * num_new / 256))
+        self.net, metrics = fit_world_model(data, self.net if num_new is not None else None, seed=seed,
+                                            max_updates=budget, env_id=self.env_id, device=self.device, writer=writer,
+                                            global_step=global_step,
+                                            termination_pos_weight=self.termination_pos_weight)
+        self.data = data
+        return metrics
+
+    def _settings(self, horizon, start, halt, gamma, sample_noise):
+        if self.net is None:
+            raise ValueError("EnsembleModel: fit() or load() it before imagining")
+        return dict(horizon=horizon, start=start, halt=halt, gamma=gamma, sample_noise=sample_noise)
+
+    def imagined_env(self, *, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99, sample_noise=False):
+        return make_imagined_env(self.net, seed=seed, **self._settings(horizon, start, halt, gamma, sample_noise))
+
+    def imagined_vector_env(self, num_envs, *, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99,
+                            sample_noise=False, output="numpy", autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP):
+        return make_imagined_vector_env(self.net, num_envs, seed=seed, output=output, autoreset_mode=autoreset_mode,
+                                        **self._settings(horizon, start, halt, gamma, sample_noise))
+
+    def predict(self, obs, action, members=None, noise=None):
+        """The network's one batched step (see `EnsembleWorldModel.predict`): what the pictures draw."""
+        return self.net.predict(obs, action, members=members, noise=noise)
+
+    def save(self, path, extra=None):
+        return save_world_model(self.net, path, extra=extra, buffer=self.data)
+
+    def load(self, path):
+        self.net = load_world_model(path, device=self.device, env_id=self.env_id)
+        self.data, self.extra = self.net.buffer, self.net.extra
+        return self
