@@ -3,6 +3,7 @@ and a tiny run of train_world_model.py."""
 import json
 import os
 import sys
+import types
 
 import gymnasium as gym
 import numpy as np
@@ -10,9 +11,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import world_model as wm  # noqa: E402
+import dyna  # noqa: E402
+import ensemble  # noqa: E402
+import ensemble_imagination  # noqa: E402
+import real_env  # noqa: E402
 
-IM = wm.Imagination()  # the default settings: real start states, no halt, member means
+IM = ensemble_imagination.Imagination()  # the default settings: real start states, no halt, member means
 
 torch.set_num_threads(1)
 TINY = dict(ensemble_size=3, hidden_size=32, num_layers=2, max_epochs=2, batch_size=64)
@@ -20,12 +24,12 @@ TINY = dict(ensemble_size=3, hidden_size=32, num_layers=2, max_epochs=2, batch_s
 
 @pytest.fixture(scope="module")
 def cartpole_buffer():
-    return wm.collect_transitions("CartPole-v1", 400, seed=0)
+    return real_env.collect_transitions("CartPole-v1", 400, seed=0)
 
 
 @pytest.fixture(scope="module")
 def cartpole_model(cartpole_buffer):
-    model, metrics = wm.fit_world_model(cartpole_buffer, seed=0, **TINY)
+    model, metrics = ensemble.fit_world_model(cartpole_buffer, seed=0, **TINY)
     assert metrics["epochs"] >= 1 and np.isfinite(metrics["train_loss"])
     return model
 
@@ -33,7 +37,7 @@ def cartpole_model(cartpole_buffer):
 @pytest.fixture(scope="module")
 def checkpoint(cartpole_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "world_model.pt"
-    wm.save_world_model(cartpole_model, path)
+    ensemble.save_world_model(cartpole_model, path)
     return str(path)
 
 
@@ -54,7 +58,7 @@ def test_buffer_is_episode_contiguous_and_consistent(cartpole_buffer):
 
 
 def test_truncation_keeps_true_final_obs():
-    b = wm.collect_transitions("Pendulum-v1", 250, seed=3)
+    b = real_env.collect_transitions("Pendulum-v1", 250, seed=3)
     assert b.truncated.sum() == 1 and not b.terminated.any()
     i = int(np.nonzero(b.truncated)[0][0])
     assert i == 199 and b.episode_ids[i + 1] != b.episode_ids[i]
@@ -64,9 +68,9 @@ def test_truncation_keeps_true_final_obs():
 
 
 def test_extend_and_split(cartpole_buffer):
-    b = wm.collect_transitions("CartPole-v1", 100, seed=1)
+    b = real_env.collect_transitions("CartPole-v1", 100, seed=1)
     n_eps = b.num_episodes
-    b.extend(wm.collect_transitions("CartPole-v1", 50, seed=2))
+    b.extend(real_env.collect_transitions("CartPole-v1", 50, seed=2))
     assert len(b) == 150 and len(b.start_obs) == b.num_episodes > n_eps
     rest, held = cartpole_buffer.split_episodes(0.25, seed=0)
     assert len(rest) + len(held) == len(cartpole_buffer)
@@ -76,7 +80,7 @@ def test_extend_and_split(cartpole_buffer):
 
 def test_from_arrays_sorts_interleaved_episodes():
     obs = np.arange(8, dtype=np.float32).reshape(4, 2)
-    b = wm.TransitionBuffer.from_arrays(obs, [0, 1, 0, 1], [1, 1, 1, 1], obs + 1, [0, 0, 1, 1], [0, 0, 0, 0],
+    b = real_env.TransitionBuffer.from_arrays(obs, [0, 1, 0, 1], [1, 1, 1, 1], obs + 1, [0, 0, 1, 1], [0, 0, 0, 0],
                                          episode_ids=[0, 1, 0, 1])
     np.testing.assert_array_equal(b.episode_ids, [0, 0, 1, 1])
     np.testing.assert_array_equal(b.obs[:, 0], [0, 4, 2, 6])
@@ -84,7 +88,7 @@ def test_from_arrays_sorts_interleaved_episodes():
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 def test_round_trip_identical_predictions(cartpole_model, checkpoint):
-    loaded = wm.load_world_model(checkpoint, env_id="CartPole-v1")
+    loaded = ensemble.load_world_model(checkpoint, env_id="CartPole-v1")
     assert loaded.env_id == "CartPole-v1" and loaded.max_episode_steps == 500
     assert loaded.observation_space == cartpole_model.observation_space
     assert loaded.action_space == cartpole_model.action_space
@@ -106,12 +110,12 @@ def test_round_trip_identical_predictions(cartpole_model, checkpoint):
 
 def test_checkpoint_loads_with_weights_only(checkpoint):
     payload = torch.load(checkpoint, weights_only=True)
-    assert payload["format"] == wm.CHECKPOINT_FORMAT and payload["version"] == wm.CHECKPOINT_VERSION
+    assert payload["format"] == ensemble.CHECKPOINT_FORMAT and payload["version"] == ensemble.CHECKPOINT_VERSION
 
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_world_model.py"):
-        wm.load_world_model(tmp_path / "nope.pt")
+        ensemble.load_world_model(tmp_path / "nope.pt")
 
 
 def test_truncated_checkpoint(checkpoint, tmp_path):
@@ -119,21 +123,21 @@ def test_truncated_checkpoint(checkpoint, tmp_path):
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        wm.load_world_model(bad)
+        ensemble.load_world_model(bad)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        wm.load_world_model(garbage)
+        ensemble.load_world_model(garbage)
 
 
 def test_foreign_checkpoint(tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"a": 1}, foreign)
     with pytest.raises(ValueError, match="not a world-model checkpoint"):
-        wm.load_world_model(foreign)
+        ensemble.load_world_model(foreign)
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match="not a world-model checkpoint"):
-        wm.load_world_model(tmp_path / "tensor.pt")
+        ensemble.load_world_model(tmp_path / "tensor.pt")
 
 
 def test_wrong_version(checkpoint, tmp_path):
@@ -141,23 +145,23 @@ def test_wrong_version(checkpoint, tmp_path):
     payload["version"] = 999
     torch.save(payload, tmp_path / "v999.pt")
     with pytest.raises(ValueError, match="version 999"):
-        wm.load_world_model(tmp_path / "v999.pt")
+        ensemble.load_world_model(tmp_path / "v999.pt")
 
 
 def test_mismatched_env(checkpoint):
     with pytest.raises(ValueError, match="observation_space is shape"):
-        wm.load_world_model(checkpoint, env_id="Acrobot-v1")
-    model = wm.load_world_model(checkpoint, env_id="CartPole-v1")  # the matching env is fine
+        ensemble.load_world_model(checkpoint, env_id="Acrobot-v1")
+    model = ensemble.load_world_model(checkpoint, env_id="CartPole-v1")  # the matching env is fine
     with pytest.raises(ValueError, match="observation_space is bounds"):
-        wm.check_env_matches(model, gym.spaces.Box(-1, 1, (4,)), model.action_space, env_id="x")
+        ensemble.check_env_matches(model, gym.spaces.Box(-1, 1, (4,)), model.action_space, env_id="x")
     with pytest.raises(ValueError, match="action_space is Box"):
-        wm.check_env_matches(model, model.observation_space, gym.spaces.Box(-1, 1, (1,)), env_id="x")
+        ensemble.check_env_matches(model, model.observation_space, gym.spaces.Box(-1, 1, (1,)), env_id="x")
     with pytest.raises(ValueError, match="Discrete\\(n=3"):
-        wm.check_env_matches(model, model.observation_space, gym.spaces.Discrete(3), env_id="x")
+        ensemble.check_env_matches(model, model.observation_space, gym.spaces.Discrete(3), env_id="x")
 
 
 def _assert_same_buffer(a, b):
-    for name in (*wm.TransitionBuffer.FIELDS, "start_obs"):
+    for name in (*real_env.TransitionBuffer.FIELDS, "start_obs"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
         np.testing.assert_array_equal(x, y, err_msg=name)
@@ -166,11 +170,11 @@ def _assert_same_buffer(a, b):
 
 def test_round_trip_preserves_buffer(cartpole_model, cartpole_buffer, tmp_path):
     path = tmp_path / "with_data.pt"
-    wm.save_world_model(cartpole_model, path, extra={"real_env_steps": len(cartpole_buffer)}, buffer=cartpole_buffer)
+    ensemble.save_world_model(cartpole_model, path, extra={"real_env_steps": len(cartpole_buffer)}, buffer=cartpole_buffer)
     payload = torch.load(path, weights_only=True)  # still tensors and primitives only
-    assert payload["version"] == wm.CHECKPOINT_VERSION and "buffer" in payload
-    loaded = wm.load_world_model(path, env_id="CartPole-v1")
-    assert isinstance(loaded.buffer, wm.TransitionBuffer) and loaded.buffer is not cartpole_buffer
+    assert payload["version"] == ensemble.CHECKPOINT_VERSION and "buffer" in payload
+    loaded = ensemble.load_world_model(path, env_id="CartPole-v1")
+    assert isinstance(loaded.buffer, real_env.TransitionBuffer) and loaded.buffer is not cartpole_buffer
     _assert_same_buffer(loaded.buffer, cartpole_buffer)
     assert len(loaded.buffer) == 400 and loaded.buffer.num_episodes == cartpole_buffer.num_episodes
     # the predictions are those of a checkpoint without data
@@ -178,8 +182,8 @@ def test_round_trip_preserves_buffer(cartpole_model, cartpole_buffer, tmp_path):
     for a, b in zip(cartpole_model.predict(x, [0, 1, 0, 1, 0]), loaded.predict(x, [0, 1, 0, 1, 0])):
         assert torch.equal(a, b)
     # a Dyna refit of the loaded model sees the checkpoint's data plus the new data
-    data = loaded.buffer.extend(wm.collect_transitions("CartPole-v1", 60, seed=5))
-    _, metrics = wm.fit_world_model(data, model=loaded, seed=1, max_epochs=1, batch_size=64)
+    data = loaded.buffer.extend(real_env.collect_transitions("CartPole-v1", 60, seed=5))
+    _, metrics = ensemble.fit_world_model(data, model=loaded, seed=1, max_epochs=1, batch_size=64)
     assert metrics["num_train"] + metrics["num_val"] == 460
     # a buffer that does not fit the model is a damaged checkpoint, not a crash later on
     payload["buffer"]["obs"] = torch.zeros(400, 3)
@@ -187,21 +191,21 @@ def test_round_trip_preserves_buffer(cartpole_model, cartpole_buffer, tmp_path):
     payload["buffer"]["start_obs"] = torch.zeros(2, 3)
     torch.save(payload, tmp_path / "bad_buffer.pt")
     with pytest.raises(ValueError, match="damaged.*buffer observations have 3 dims"):
-        wm.load_world_model(tmp_path / "bad_buffer.pt")
+        ensemble.load_world_model(tmp_path / "bad_buffer.pt")
     with pytest.raises(TypeError, match="TransitionBuffer"):
-        wm.save_world_model(cartpole_model, tmp_path / "x.pt", buffer={"obs": 1})
+        ensemble.save_world_model(cartpole_model, tmp_path / "x.pt", buffer={"obs": 1})
 
 
 def test_checkpoint_without_buffer_loads_with_none(checkpoint, cartpole_model):
     assert "buffer" not in torch.load(checkpoint, weights_only=True)  # older format-1 files look like this
-    assert wm.load_world_model(checkpoint).buffer is None
+    assert ensemble.load_world_model(checkpoint).buffer is None
     assert cartpole_model.buffer is None  # a freshly fitted model carries none either
 
 
 def test_save_is_atomic(cartpole_model, tmp_path):
     path = tmp_path / "sub" / "wm.pt"
-    wm.save_world_model(cartpole_model, path)
-    wm.save_world_model(cartpole_model, path)  # overwrite in place
+    ensemble.save_world_model(cartpole_model, path)
+    ensemble.save_world_model(cartpole_model, path)  # overwrite in place
     assert sorted(os.listdir(path.parent)) == ["wm.pt"]  # no temporary file left behind
 
 
@@ -224,12 +228,12 @@ def test_batched_adapters_shapes_and_reproducibility(cartpole_model):
 
 
 def test_buffer_start_and_bad_start(cartpole_model):
-    out = wm.Imagination(start="buffer").batched_reset_fn(cartpole_model, seed=np.array([5]))
+    out = ensemble_imagination.Imagination(start="buffer").batched_reset_fn(cartpole_model, seed=np.array([5]))
     assert out["observation"].shape == (1, 4)
     with pytest.raises(ValueError, match="imagined start"):
-        wm.make_imagined_vector_env(cartpole_model, 2, start="nowhere")
+        ensemble_imagination.make_imagined_vector_env(cartpole_model, 2, start="nowhere")
     with pytest.raises(ValueError, match="halt"):
-        wm.make_imagined_env(cartpole_model, halt=-1)
+        ensemble_imagination.make_imagined_env(cartpole_model, halt=-1)
 
 
 def test_unbatched_adapters_return_numpy(cartpole_model):
@@ -249,13 +253,13 @@ def test_rejects_bad_actions(cartpole_model):
 
 
 def test_box_actions_and_noise(tmp_path):
-    b = wm.collect_transitions("Pendulum-v1", 300, seed=0)
-    model, _ = wm.fit_world_model(b, seed=0, **TINY)
-    wm.save_world_model(model, tmp_path / "pendulum.pt", buffer=b)  # float (N, 1) actions and truncations survive
-    loaded = wm.load_world_model(tmp_path / "pendulum.pt", env_id="Pendulum-v1").buffer
+    b = real_env.collect_transitions("Pendulum-v1", 300, seed=0)
+    model, _ = ensemble.fit_world_model(b, seed=0, **TINY)
+    ensemble.save_world_model(model, tmp_path / "pendulum.pt", buffer=b)  # float (N, 1) actions and truncations survive
+    loaded = ensemble.load_world_model(tmp_path / "pendulum.pt", env_id="Pendulum-v1").buffer
     assert loaded.actions.dtype == np.float32 and loaded.actions.shape == (300, 1) and loaded.truncated.sum() == 1
     _assert_same_buffer(loaded, b)
-    noisy = wm.Imagination(sample_noise=True)
+    noisy = ensemble_imagination.Imagination(sample_noise=True)
     out = noisy.batched_reset_fn(model, seed=np.arange(3))
     step = noisy.batched_transition_fn(model, out["state"], np.array([[5.0], [-5.0], [0.0]]))  # clipped to +-2
     assert step["observation"].shape == (3, 3) and torch.isfinite(step["observation"]).all()
@@ -270,7 +274,7 @@ def test_constant_reward_is_exact_and_halt(cartpole_model):
     step = IM.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
     assert torch.all(step["reward"] == 1.0)  # CartPole's reward is constant in the data, so it is reproduced
     assert "halted" not in step["info"]
-    halting = wm.Imagination(halt=1e-12, gamma=0.9)  # every step disagrees more than this
+    halting = ensemble_imagination.Imagination(halt=1e-12, gamma=0.9)  # every step disagrees more than this
     step = halting.batched_transition_fn(m, out["state"], np.ones(8, dtype=np.int64))
     assert step["info"]["halted"].all() and step["terminated"].all()
     assert torch.all(step["reward"] == 0.0)  # min(0, lowest real reward 1) / (1 - gamma): what a fall costs
@@ -283,9 +287,9 @@ def test_constant_reward_is_exact_and_halt(cartpole_model):
 
 
 def test_halt_bound_separates_terminal_rewards():
-    buf = wm.TransitionBuffer.from_arrays(
+    buf = real_env.TransitionBuffer.from_arrays(
         np.zeros((4, 4)), [0, 1, 0, 1], [-1.0, -2.0, -100.0, 3.0], np.zeros((4, 4)), [0, 0, 1, 0], [0, 0, 0, 0])
-    model = wm.EnsembleWorldModel(gym.spaces.Box(-5, 5, (4,)), gym.spaces.Discrete(2), ensemble_size=2,
+    model = ensemble.EnsembleWorldModel(gym.spaces.Box(-5, 5, (4,)), gym.spaces.Discrete(2), ensemble_size=2,
                                   hidden_size=8, num_layers=1)
     model.set_statistics(buf)
     assert float(model.reward_min) == -2.0 and float(model.terminal_reward_min) == -100.0
@@ -310,20 +314,21 @@ def test_refit_warm_start(cartpole_model, cartpole_buffer):
     import copy
 
     m = copy.deepcopy(cartpole_model)
-    more = wm.collect_transitions("CartPole-v1", 100, seed=9, policy=lambda o: (o[:, 2] > 0).astype(np.int64))
-    buf = wm.collect_transitions("CartPole-v1", 400, seed=0).extend(more)
-    m2, metrics = wm.fit_world_model(buf, m, seed=1, max_epochs=1, batch_size=64)
+    more = real_env.collect_transitions("CartPole-v1", 100, seed=9, policy=lambda o: (o[:, 2] > 0).astype(np.int64))
+    buf = real_env.collect_transitions("CartPole-v1", 400, seed=0).extend(more)
+    m2, metrics = ensemble.fit_world_model(buf, m, seed=1, max_epochs=1, batch_size=64)
     assert m2 is m and metrics["num_train"] + metrics["num_val"] == len(buf)
 
 
 def test_refit_budget_and_kept_normalisation(cartpole_model):
     import copy
 
-    m = copy.deepcopy(cartpole_model)
+    model = ensemble.EnsembleModel("CartPole-v1")
+    model.net = m = copy.deepcopy(cartpole_model)
     in_mean = m.in_mean.clone()
-    buf = wm.collect_transitions("CartPole-v1", 400, seed=0)
-    m, buf, metrics = wm.dyna_round(m, buf, "CartPole-v1", None, 128, seed=3)
-    assert metrics["new_real_steps"] == 128 and len(buf) == 528
+    buf = real_env.collect_transitions("CartPole-v1", 400, seed=0)
+    buf, metrics = dyna.dyna_round(model, buf, "CartPole-v1", None, 128, seed=3)
+    assert metrics["new_real_steps"] == 128 and len(buf) == 528 and model.net is m
     assert metrics["updates"] <= 10  # 20 passes over 128 new transitions at 256 per minibatch
     assert torch.equal(m.in_mean, in_mean)  # a warm refit keeps the normalisation its weights were trained with
 
@@ -337,22 +342,22 @@ def test_box_actions_are_clipped_where_they_enter_the_real_env(monkeypatch):
         return step(self, action)
 
     monkeypatch.setattr(gym.wrappers.TimeLimit, "step", spy)
-    wm.collect_transitions("Pendulum-v1", 20, seed=0, policy=lambda o: np.full((len(o), 1), 7.0))
-    wm.evaluate_in_real_env(lambda o: np.full((len(o), 1), -7.0), "Pendulum-v1", 1, seed=0)
+    real_env.collect_transitions("Pendulum-v1", 20, seed=0, policy=lambda o: np.full((len(o), 1), 7.0))
+    real_env.evaluate_in_real_env(lambda o: np.full((len(o), 1), -7.0), "Pendulum-v1", 1, seed=0)
     assert len(seen) == 220 and max(abs(float(a[0])) for a in seen) == 2.0
 
 
 def test_evaluate_in_real_env_is_deterministic():
     policy = lambda o: (o[:, 2] + 0.5 * o[:, 3] > 0).astype(np.int64)  # noqa: E731 (a decent CartPole heuristic)
-    r1, l1 = wm.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
-    r2, l2 = wm.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
+    r1, l1 = real_env.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
+    r2, l2 = real_env.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_array_equal(l1, l2)
     assert r1.shape == (3,) and l1.dtype == np.int64 and (r1 == l1).all()
 
 
 def test_evaluate_world_model_keys(cartpole_model, cartpole_buffer):
-    acc = wm.evaluate_world_model(cartpole_model, cartpole_buffer)
+    acc = ensemble.evaluate_world_model(cartpole_model, cartpole_buffer)
     for k in ("one_step_mse", "reward_mae", "termination_precision", "termination_recall",
               "k_step_error_1", "k_step_error_10", "k_step_error_50"):
         assert k in acc
@@ -382,7 +387,7 @@ def test_tiny_training_run(tmp_path):
         assert key in written
     assert written["real_env_steps"] == 300
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
-    loaded = wm.load_world_model(tmp_path / written["checkpoint"], env_id="CartPole-v1")
+    loaded = ensemble.load_world_model(tmp_path / written["checkpoint"], env_id="CartPole-v1")
     assert len(loaded.start_obs) > 0
     # the checkpoint carries all of its real data (held-out episodes too), for Dyna refits of the loaded model
     assert len(loaded.buffer) == written["real_env_steps"] == 300 and loaded.buffer.env_id == "CartPole-v1"
@@ -401,9 +406,9 @@ def test_bad_args_give_one_line_and_no_run_dir(tmp_path, flags, words):
     assert not (tmp_path / "runs").exists()
 
 
-def test_collect_rejects_unsupported_envs():
+def test_the_ensemble_rejects_unsupported_envs():
     with pytest.raises(ValueError, match="1-D gymnasium.spaces.Box"):
-        wm.collect_transitions("FrozenLake-v1", 10, seed=0)
+        ensemble.EnsembleModel("FrozenLake-v1")
 
 
 def test_initial_data_without_a_termination_gets_more_from_the_exploration_policy():
@@ -413,13 +418,19 @@ def test_initial_data_without_a_termination_gets_more_from_the_exploration_polic
         calls.append(len(obs_batch))
         return np.full(len(obs_batch), 2)
 
+    def initial_data(env_id):
+        args = types.SimpleNamespace(env_id=env_id, world_model_path=None, initial_real_steps=100, seed=0)
+        run = types.SimpleNamespace(writer=None, timings={"world_model_seconds": 0.0}, model_fitted=False)
+        data, steps = dyna.initial_data(ensemble.EnsembleModel(env_id), args, run, log=lambda m: None,
+                                        until_termination_policy=explore)
+        assert run.model_fitted
+        return data, steps
+
     # 100 uniform random Acrobot steps never reach the goal: 100 more come from `explore`, and all are counted
-    model, buffer, steps = wm.load_or_fit_world_model("Acrobot-v1", None, 100, seed=0, log=lambda m: None,
-                                                      until_termination_policy=explore)
+    buffer, steps = initial_data("Acrobot-v1")
     assert len(buffer) == steps == 200 and sum(calls) == 100
     assert np.all(buffer.actions[100:] == 2) and len(np.unique(buffer.episode_ids)) == 2
     # CartPole's random episodes end by termination: the exploration policy is never called
     calls.clear()
-    _, buffer, steps = wm.load_or_fit_world_model("CartPole-v1", None, 100, seed=0, log=lambda m: None,
-                                                  until_termination_policy=explore)
+    buffer, steps = initial_data("CartPole-v1")
     assert steps == len(buffer) == 100 and not calls
