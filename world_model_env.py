@@ -9,6 +9,7 @@ adapter hands back tensors or ``output="torch"`` is requested.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
@@ -37,6 +38,13 @@ class AdapterError(ValueError):
 def _torch():
     """torch if the user's code already imported it; we never import it ourselves for numpy users."""
     return sys.modules.get("torch")
+
+
+def _no_grad():
+    """Model state in an env never needs autograd history: adapters run, and reset rows are written, without it
+    (a reset_fn that tracks gradients would otherwise fail to write into a state made under no_grad)."""
+    torch = _torch()
+    return torch.no_grad() if torch is not None else contextlib.nullcontext()
 
 
 def _is_tensor(x: Any) -> bool:
@@ -196,7 +204,8 @@ class WorldModelEnv(gym.Env):
         seed, self._init_seed = self._init_seed if seed is None else seed, None
         super().reset(seed=seed)
         model_seed = seed if seed is not None else int(self.np_random.integers(0, _SEED_HIGH))
-        out = self.reset_fn(self.model, seed=model_seed, options=options)
+        with _no_grad():
+            out = self.reset_fn(self.model, seed=model_seed, options=options)
         state, obs = _unpack(self._owner, "reset_fn", out, _RESET_KEYS)
         obs = self._check_obs(obs, "reset_fn")
         info = _check_info(self._owner, "reset_fn", out.get("info"))
@@ -212,8 +221,9 @@ class WorldModelEnv(gym.Env):
             raise ResetNeeded(f"{self._owner}: the episode has ended (terminated or truncated); call reset() before "
                               "step().")
         action = self._check_action(action)
-        model_action = action if self.action_transform_fn is None else self.action_transform_fn(self.model, action)
-        out = self.transition_fn(self.model, self._state, model_action)
+        with _no_grad():
+            model_action = action if self.action_transform_fn is None else self.action_transform_fn(self.model, action)
+            out = self.transition_fn(self.model, self._state, model_action)
         state, obs, reward, terminated = _unpack(self._owner, "transition_fn", out, _STEP_KEYS)
         obs = self._check_obs(obs, "transition_fn")
         reward = self._check_reward(reward)
@@ -315,7 +325,8 @@ def _scatter(dst: Any, rows: np.ndarray, src: Any, where: str) -> Any:
     try:
         if _is_tensor(dst):
             torch = _torch()
-            dst[torch.from_numpy(rows).to(dst.device)] = torch.as_tensor(src, device=dst.device, dtype=dst.dtype)
+            with torch.no_grad():
+                dst[torch.from_numpy(rows).to(dst.device)] = torch.as_tensor(src, device=dst.device, dtype=dst.dtype)
         else:
             dst[rows] = _to_numpy(src)
     except Exception as err:  # dtype mismatch between reset_fn and transition_fn states
@@ -466,9 +477,10 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         if self._state is None:
             raise ResetNeeded(f"{self._owner}: call reset() before step().")
         actions = self._check_actions(actions)
-        if self.action_transform_fn is not None:
-            actions = self.action_transform_fn(self.model, actions)
-        out = self.transition_fn(self.model, self._state, actions)
+        with _no_grad():
+            if self.action_transform_fn is not None:
+                actions = self.action_transform_fn(self.model, actions)
+            out = self.transition_fn(self.model, self._state, actions)
         state, obs, reward, terminated = _unpack(self._owner, "transition_fn", out, _STEP_KEYS)
         if _leading_dim(state) != self.num_envs:
             raise AdapterError(f"{self._owner}: transition_fn returned a state with leading dimension "
@@ -511,7 +523,8 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         self._state = None
 
     def _call_reset(self, row_seeds: np.ndarray, options):
-        out = self.reset_fn(self.model, seed=row_seeds, options=options)
+        with _no_grad():
+            out = self.reset_fn(self.model, seed=row_seeds, options=options)
         state, obs = _unpack(self._owner, "reset_fn", out, _RESET_KEYS)
         if self._torch_out and self.device is None:
             self.device = obs.device if _is_tensor(obs) else "cpu"

@@ -616,3 +616,42 @@ def test_same_step_final_info_torch_output():
     assert finished.all()
     assert torch.equal(info["final_info"]["_dist"], finished)
     torch.testing.assert_close(info["final_info"]["dist"], torch.linalg.norm(info["final_obs"], dim=1))
+
+
+def test_model_state_is_written_without_autograd():
+    """A recurrent model's reset_fn that tracks gradients (a GRU state, TorchWM's Dreamer RSSM without no_grad)
+    next to a transition_fn that runs under no_grad: autoreset writes reset rows into views made in no_grad mode,
+    which autograd refuses unless the env keeps model state out of autograd (it does, in both envs)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    gru = torch.nn.GRUCell(2, 8)
+
+    def reset_fn(model, seed=None, options=None):
+        n = len(seed) if np.ndim(seed) else 1
+        deter = gru(torch.ones(n, 2), torch.zeros(n, 8))  # records autograd history when called under grad mode
+        state = {"deter": deter, "mean": deter[:, :4], "std": deter[:, 4:].exp()}
+        return {"state": state, "observation": deter if np.ndim(seed) else deter[0]}
+
+    def transition_fn(model, state, action):
+        with torch.no_grad():  # as a careful adapter steps its model
+            batched = state["deter"].dim() == 2
+            a = torch.as_tensor(np.asarray(action)).reshape(-1)
+            deter = gru(torch.nn.functional.one_hot(a, 2).float(), state["deter"].reshape(-1, 8))
+        out = {"deter": deter, "mean": deter[:, :4], "std": deter[:, 4:].exp()}
+        obs = deter if batched else deter[0]
+        if not batched:
+            out = {k: v[0] for k, v in out.items()}
+        return {"state": out, "observation": obs, "reward": obs.sum(-1),
+                "terminated": torch.zeros(obs.shape[:-1], dtype=torch.bool)}
+
+    space = gym.spaces.Box(-np.inf, np.inf, (8,), np.float32)
+    envs = WorldModelVectorEnv(None, space, gym.spaces.Discrete(2), reset_fn=reset_fn, transition_fn=transition_fn,
+                               num_envs=4, max_episode_steps=3, output="torch")
+    envs.reset(seed=0)
+    for _ in range(8):  # two autoresets of every row
+        envs.step(np.zeros(4, dtype=np.int64))
+    assert not any(v.requires_grad for v in envs.state.values())
+    env = WorldModelEnv(None, space, gym.spaces.Discrete(2), reset_fn=reset_fn, transition_fn=transition_fn,
+                        max_episode_steps=3)
+    env.reset(seed=0)
+    assert not env.state["deter"].requires_grad
