@@ -4,6 +4,7 @@ the current policy through the model's view of the real env, then a warm refit),
 and, beside it, in imagination (`Evaluator`), and the phases of the library examples (`DynaRounds`).
 """
 import functools
+import os
 import time
 
 import gymnasium as gym
@@ -87,11 +88,12 @@ def loaded_real_steps(model):
 
 
 def initial_data(model, args, run, log, until_termination_policy=None):
-    """The real data a run starts from, and the real steps spent on it: none for a model that does not learn, the
+    """The real data a run starts from, and the real steps spent on it: none without a model or for one that does
+    not learn, the
     checkpoint's for a loaded one, else `--initial-real-steps` uniform random transitions and a first fit.
     until_termination_policy: when those end no episode in a termination, as many more are collected with it
     (obs batch -> actions): a model that never saw an episode end predicts no ending (Acrobot's goal)."""
-    if not getattr(model, "learns", True):
+    if model is None or not getattr(model, "learns", True):  # model-free, or nothing to fit
         return None, 0
     if args.world_model_path is not None:
         return getattr(model, "data", None), loaded_real_steps(model)
@@ -232,16 +234,21 @@ def replay_final_evaluation(tag, path, act_fn, model=None):
             "real_returns": returns.tolist()}
 
 
-def agent_world_model(payload, device="cpu"):
-    """The world model an agent.pt was trained with (its view of the real env), None for a model-free agent."""
+def agent_world_model(payload, agent_path, device="cpu"):
+    """The world model an agent.pt was trained with (its view of the real env), None for a model-free agent.
+    Its checkpoint is found where the run recorded it, else beside the agent (a run dir that moved)."""
     a = payload["args"]
     if a.get("world_model", world_model.NO_MODEL) == world_model.NO_MODEL:
         return None
-    model = world_model.make(a["world_model"], env_id=a["env_id"], seed=a["seed"], device=device)
-    path = payload.get("world_model_path")
-    if path and getattr(model, "learns", True):
-        model = model.load(path)
-    return model
+    try:
+        model = world_model.make(a["world_model"], env_id=a["env_id"], seed=a["seed"], device=device)
+        path = payload.get("world_model_path")
+        if path and not os.path.isfile(path):
+            path = os.path.join(os.path.dirname(agent_path), os.path.basename(path))
+        return model.load(path) if path and getattr(model, "learns", True) else model
+    except (OSError, ValueError) as e:
+        raise ru.ArgError("--eval-checkpoint", "an agent.pt whose run's world model can be loaded", agent_path,
+                          " ".join(str(e).split())) from None
 
 
 class DynaRounds:

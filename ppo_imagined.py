@@ -267,26 +267,22 @@ def gae(rewards, values, bootstrap, dones, valid, next_value, gamma, gae_lambda)
     return advantages, advantages + values
 
 
-def evaluate_checkpoint(path):
-    """Rebuilds a saved agent (and its run's world model) and replays its run's final evaluation."""
-    payload = ru.load_agent(path)
-    run = payload["args"]
-    model = dyna.agent_world_model(payload)
-    obs_space = model.observation_space if model is not None else ru.real_env_spaces(run["env_id"], "ppo")[0]
-    agent = Agent(obs_space.shape[0], ru.real_env_spaces(run["env_id"], "ppo_imagined.py")[1], run["norm_obs"])
-    agent.load_state_dict(payload["state_dicts"]["agent"])
-    return dyna.replay_final_evaluation("ppo_imagined", path, numpy_policy(agent, "cpu"), model)
+def make_envs(args, model, run, vector_env, device):
+    """The envs PPO steps: the model's batched imagined env, --vector-env sync/async workers of `make_env` thunks
+    (which load the run's latest world model, saved first), or the real envs without a model."""
+    if model is None:
+        return gym.vector.SyncVectorEnv([ru.real_env_thunk(args.env_id, args.seed + i) for i in range(args.num_envs)],
+                                        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
+    return dyna.imagined_vector_env(model, vector_env, args.num_envs, args.seed, device,
+                                    lambda seed: make_env(args, path, seed, args.imagined_horizon),
+                                    horizon=args.imagined_horizon, start=args.imagined_start,
+                                    halt=args.halt_threshold, gamma=args.gamma)
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.eval_checkpoint is not None:
-        evaluate_checkpoint(args.eval_checkpoint)
-        sys.exit(0)
-
-    # checks: every bad flag stops here with one line, before a run dir exists
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    model = dyna.model_from_args(args, device)  # None for --world-model none; loads --world-model-path
+def check_args(args, model):
+    """Every bad flag stops here with one line, before a run dir exists; fills in the action-space defaults.
+    Returns (action_space, target return)."""
     _, action_space, reward_threshold = ru.real_env_spaces(args.env_id, "ppo_imagined.py")
     target = args.target_return if args.target_return is not None else reward_threshold
     space_defaults = dict(SPACE_DEFAULTS[type(action_space).__name__])
@@ -307,6 +303,30 @@ if __name__ == "__main__":
     learns = model is not None and getattr(model, "learns", True)
     if learns and args.world_model_path is None and args.initial_real_steps < 2:
         raise ru.ArgError("--initial-real-steps", "at least 2 transitions to fit a model on", args.initial_real_steps)
+    return action_space, target
+
+
+def evaluate_checkpoint(path):
+    """Rebuilds a saved agent (and its run's world model) and replays its run's final evaluation."""
+    payload = ru.load_agent(path)
+    run = payload["args"]
+    model = dyna.agent_world_model(payload, path)
+    obs_space = model.observation_space if model is not None else ru.real_env_spaces(run["env_id"], "ppo")[0]
+    agent = Agent(obs_space.shape[0], ru.real_env_spaces(run["env_id"], "ppo_imagined.py")[1], run["norm_obs"])
+    agent.load_state_dict(payload["state_dicts"]["agent"])
+    return dyna.replay_final_evaluation("ppo_imagined", path, numpy_policy(agent, "cpu"), model)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.eval_checkpoint is not None:
+        evaluate_checkpoint(args.eval_checkpoint)
+        sys.exit(0)
+
+    # checks: every bad flag stops here with one line, before a run dir exists
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    model = dyna.model_from_args(args, device)  # None for --world-model none; loads --world-model-path
+    action_space, target = check_args(args, model)
     vector_env = dyna.vector_env_kind(args, model)
     num_iterations = max(1, args.total_timesteps // (args.num_envs * args.num_steps))
     ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
@@ -317,18 +337,7 @@ if __name__ == "__main__":
     with run:
         data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print("[ppo]", s))
 
-        def make_envs():  # the batched imagined env, sync/async workers of single ones, or the real envs
-            if model is None:
-                return gym.vector.SyncVectorEnv([ru.real_env_thunk(args.env_id, args.seed + i)
-                                                 for i in range(args.num_envs)],
-                                                autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-            path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
-            return dyna.imagined_vector_env(model, vector_env, args.num_envs, args.seed, device,
-                                            lambda seed: make_env(args, path, seed, args.imagined_horizon),
-                                            horizon=args.imagined_horizon, start=args.imagined_start,
-                                            halt=args.halt_threshold, gamma=args.gamma)
-
-        envs = make_envs()
+        envs = make_envs(args, model, run, vector_env, device)
         obs_space = ru.check_policy_observations(envs.single_observation_space, "ppo_imagined.py", args.env_id,
                                                  args.world_model)
         agent = nets["agent"] = Agent(obs_space.shape[0], action_space, norm_obs=args.norm_obs).to(device)
@@ -481,7 +490,7 @@ if __name__ == "__main__":
                 break
 
             # Dyna: real data from the current stochastic policy, then a warm refit (used from the envs' next step)
-            if (learns and dyna_rounds < args.real_iterations and args.real_steps_per_iteration > 0
+            if (model is not None and getattr(model, "learns", True) and dyna_rounds < args.real_iterations and args.real_steps_per_iteration > 0
                     and iteration % dyna_every == 0 and iteration < num_iterations):
                 dyna_rounds += 1
                 data, metrics = dyna.dyna_round(
@@ -494,7 +503,7 @@ if __name__ == "__main__":
                       f"{metrics['seconds']:.1f}s", flush=True)
                 if vector_env != "batched":  # the workers' copies are stale: new workers load the refit model
                     envs.close()
-                    envs = make_envs()
+                    envs = make_envs(args, model, run, vector_env, device)
                     next_obs = torch.as_tensor(envs.reset(seed=args.seed + iteration)[0], dtype=torch.float32,
                                                device=device)
                     next_done = torch.zeros(args.num_envs, device=device)

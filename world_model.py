@@ -5,7 +5,7 @@ Every script uses a world model through these members and nothing else (README: 
 | member | what it is |
 | --- | --- |
 | `observation_space`, `action_space` | what the policy sees and emits, in imagination and in the real env seen through the model: the scripts size their networks from the imagined env's `single_observation_space` |
-| `learns` | False for a given simulator: nothing is fitted, no real transition is collected for it |
+| `learns` | False for a given simulator: nothing is fitted, no real transition is collected for it, and `fit`, `save`, `load` are not needed |
 | `fit(data, num_new=None, *, seed, refit_passes, writer, global_step)` | fit on real data (`num_new=None`), or refit after `num_new` new transitions were appended to `data` (a `real_env.TransitionBuffer`: each model decides whether it learns from transitions or whole episodes); returns metrics with `seconds` |
 | `imagined_vector_env(num_envs, *, seed, horizon, start, halt, gamma, output, autoreset_mode)` | the natively batched imagined env (a `WorldModelVectorEnv`); optional: without it the scripts step `imagined_env`s in a `SyncVectorEnv` / `AsyncVectorEnv` |
 | `imagined_env(*, seed, horizon, start, halt, gamma)` | one imagined env (a `WorldModelEnv`): SB3's checker, TorchRL's spec check, vector-env thunks |
@@ -32,7 +32,8 @@ import gymnasium as gym
 BUILTIN = {"ensemble": "ensemble:EnsembleModel"}
 NO_MODEL = "none"
 
-REQUIRED = ("observation_space", "action_space", "fit", "imagined_env", "real_env", "save", "load")
+REQUIRED = ("observation_space", "action_space", "imagined_env", "real_env")
+REQUIRED_TO_LEARN = ("fit", "save", "load")  # what a model that learns (learns = True, the default) needs as well
 
 
 class WorldModelError(ValueError):
@@ -70,11 +71,12 @@ def has_vector_env(model):
 
 def check_world_model(model, where):
     """One line naming every part of the interface `model` lacks (or whose spaces are not gymnasium spaces)."""
-    missing = [name for name in REQUIRED if not hasattr(model, name)]
-    missing += [name for name in REQUIRED[2:] if hasattr(model, name) and not callable(getattr(model, name))]
+    required = REQUIRED + (REQUIRED_TO_LEARN if getattr(model, "learns", True) else ())
+    missing = [name for name in required if not hasattr(model, name)]
+    missing += [name for name in required[2:] if hasattr(model, name) and not callable(getattr(model, name))]
     if missing:
         raise WorldModelError(f"{where}: {type(model).__name__} lacks {', '.join(missing)} of the world-model "
-                              f"interface (needs {', '.join(REQUIRED)}; see world_model.py)")
+                              f"interface (needs {', '.join(required)}; see world_model.py)")
     for name in REQUIRED[:2]:
         if not isinstance(getattr(model, name), gym.Space):
             raise WorldModelError(f"{where}: {type(model).__name__}.{name} must be a gymnasium space, got "
@@ -93,10 +95,12 @@ def resolve(spec):
         if not os.path.isfile(target):
             raise WorldModelError(f"--world-model: the file {target!r} does not exist (spec {spec!r})")
         name = "_world_model_" + os.path.splitext(os.path.basename(target))[0]
-        module_spec = importlib.util.spec_from_file_location(name, target)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look modules up by name
-        module_spec.loader.exec_module(module)
+        module = sys.modules.get(name)
+        if getattr(module, "__file__", None) != os.path.abspath(target):  # once per file and process
+            module_spec = importlib.util.spec_from_file_location(name, os.path.abspath(target))
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module  # dataclasses and pickling look modules up by name
+            module_spec.loader.exec_module(module)
     else:
         try:
             module = importlib.import_module(target)

@@ -97,7 +97,7 @@ def summary_of(tmp_path):
         return run_dir, json.load(f)
 
 
-SUMMARY_KEYS = ("algo", "env_id", "seed", "world_model", "world_model_path", "real_return_mean", "real_return_std",
+SUMMARY_KEYS = ("algo", "env_id", "seed", "status", "world_model", "world_model_path", "real_return_mean", "real_return_std",
                 "real_returns", "eval_episodes", "real_env_steps", "eval_env_steps", "imagined_steps",
                 "imagined_return_mean", "imagined_minus_real", "real_return_scale", "wall_seconds",
                 "world_model_seconds", "real_collect_seconds", "eval_seconds", "train_seconds", "target_return",
@@ -110,11 +110,13 @@ def test_cartpole_in_imagination_and_its_checkpoint_replays_the_final_evaluation
     assert "[ppo] iter 1/3 step 64 imagined_return" in out and " gap " in out and "nan" not in out
     run_dir, summary = summary_of(tmp_path)
     assert all(k in summary for k in SUMMARY_KEYS)
-    assert summary["algo"] == "ppo_imagined" and summary["world_model"] == "learned"
+    assert summary["algo"] == "ppo_imagined" and summary["world_model"] == "ensemble"
+    assert summary["status"] == "finished"
     assert summary["real_env_steps"] == 200 + 40  # the model's random data + one Dyna round
     assert 0 < summary["imagined_steps"] <= 192 and summary["eval_env_steps"] > 0
     assert summary["imagined_minus_real"] is not None and len(summary["eval_history"]) == 3
-    assert summary["world_model_path"] == str(run_dir / "world_model.pt") and os.path.isfile(run_dir / "world_model.pt")
+    assert os.path.abspath(summary["world_model_path"]) == str(run_dir / "world_model.pt")
+    assert os.path.isfile(run_dir / "world_model.pt")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
 
     replay = ppo_imagined.evaluate_checkpoint(str(run_dir / "agent.pt"))
@@ -163,7 +165,7 @@ def make_narrow_pendulum():
 gym.register("NarrowPendulum-v0", entry_point=make_narrow_pendulum, max_episode_steps=50)
 
 
-@pytest.mark.parametrize("world_model", ["learned", "none"])
+@pytest.mark.parametrize("world_model", ["ensemble", "none"])
 def test_box_actions_outside_the_bounds_never_reach_the_real_env(tmp_path, monkeypatch, world_model):
     SEEN_ACTIONS.clear()
     run(tmp_path, monkeypatch, *TINY, "--env-id", "NarrowPendulum-v0", "--world-model", world_model)
@@ -181,8 +183,17 @@ def test_box_actions_outside_the_bounds_never_reach_the_real_env(tmp_path, monke
     (["--gamma", "1.5"], "--gamma"),
     (["--refit-passes", "0"], "--refit-passes"),
     (["--world-model", "none", "--world-model-path", "x.pt"], "--world-model-path"),
+    (["--world-model", "learned"], "--world-model"),
+    (["--world-model", "missing/model.py:Model"], "--world-model"),
+    (["--world-model", "tests/toy_world_model.py:NoSuchClass"], "--world-model"),
+    (["--world-model", "tests/toy_world_model.py:NOT_CALLABLE"], "--world-model"),
+    (["--world-model", "no_such_package.models:Model"], "--world-model"),
+    (["--world-model", "examples/cartpole_physics.py:CartPolePhysics", "--env-id", "Acrobot-v1"], "--env-id"),
+    (["--world-model", "examples/cartpole_physics.py:CartPolePhysics", "--vector-env", "batched",
+      "--env-id", "CartPole-v1", "--num-envs", "0"], "--num-envs"),
 ])
 def test_bad_input_gives_one_line_and_no_run_dir(tmp_path, monkeypatch, argv, flag):
+    argv = [os.path.join(ROOT, a) if a.startswith(("tests/", "examples/")) else a for a in argv]
     with pytest.raises(SystemExit) as e:
         run(tmp_path, monkeypatch, *argv)
     message = str(e.value.code)
@@ -200,3 +211,86 @@ def test_box_actions_imagine_short_bootstrapped_episodes_and_discrete_ones_the_t
     # Box: short imagined episodes against compounding model error (InvertedPendulum); Discrete: unchanged
     assert ppo_imagined.SPACE_DEFAULTS["Discrete"]["imagined_horizon"] is None
     assert 1 <= ppo_imagined.SPACE_DEFAULTS["Box"]["imagined_horizon"] <= 100
+
+
+def test_a_model_that_lacks_part_of_the_interface_is_named_in_one_line(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, monkeypatch, "--world-model", os.path.join(ROOT, "tests/toy_world_model.py:Incomplete"))
+    message = str(e.value.code)
+    assert message.startswith("error: --world-model:") and "\n" not in message
+    assert "Incomplete lacks action_space, imagined_env, real_env, fit, save, load" in message
+
+
+# ---------------------------------------------------------------- any world model: given, unbatched, the tutorial's
+def test_a_given_simulator_trains_without_real_transitions(tmp_path, monkeypatch):
+    """CartPole's own equations behind the interface (examples/cartpole_physics.py): nothing to learn, so no real
+    transition is collected; the policy is judged in the real CartPole."""
+    run(tmp_path, monkeypatch, *TINY, "--world-model", os.path.join(ROOT, "examples/cartpole_physics.py:CartPolePhysics"))
+    run_dir, summary = summary_of(tmp_path)
+    assert summary["real_env_steps"] == 0 and summary["imagined_steps"] > 0 and summary["eval_env_steps"] > 0
+    assert summary["world_model_path"] is None and not (run_dir / "world_model.pt").exists()
+    assert ppo_imagined.evaluate_checkpoint(str(run_dir / "agent.pt"))["real_returns"] == summary["real_returns"]
+
+
+@pytest.mark.parametrize("vector_env", ["auto", "sync"])
+def test_the_tutorials_toy_model_through_the_make_env_thunks(tmp_path, monkeypatch, vector_env):
+    """The TorchWM tutorial's toy model with its own single-env adapters (no batched env): `auto` and `sync` step
+    the script's make_env thunks in a SyncVectorEnv, each thunk building its own model."""
+    spec = os.path.join(ROOT, "tests/toy_world_model.py:ToyWorldModel")
+    run(tmp_path, monkeypatch, *TINY, "--world-model", spec, "--env-id", "ToyReach-v0", "--vector-env", vector_env)
+    _, summary = summary_of(tmp_path)
+    assert summary["real_env_steps"] == 0 and 0 < summary["imagined_steps"] <= 192
+    assert np.isfinite(summary["real_return_mean"]) and summary["status"] == "finished"
+
+
+def test_the_ensemble_in_sync_workers_gives_the_batched_trajectories(tmp_path):
+    """--vector-env sync: each make_env thunk loads its own copy of the saved ensemble; its imagined rows follow the
+    batched env's exactly (per-row seeds), so the two paths train the same agent."""
+    import ensemble
+
+    model = ensemble.EnsembleModel("CartPole-v1")
+    model.fit(ppo_imagined.real_env.collect_transitions("CartPole-v1", 300, seed=0), seed=0)
+    path = model.save(str(tmp_path / "world_model.pt"))
+    args = ppo_imagined.Args(world_model="ensemble", imagined_start="buffer", halt_threshold=2.0)
+    sync = gym.vector.SyncVectorEnv([ppo_imagined.make_env(args, path, 5 + i, 30) for i in range(3)],
+                                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    batched = model.imagined_vector_env(3, horizon=30, start="buffer", halt=2.0)
+    obs_s, _ = sync.reset(seed=5)
+    obs_b, _ = batched.reset(seed=5)
+    np.testing.assert_allclose(obs_s, obs_b)
+    for t in range(40):
+        action = np.array([t % 2, 1, 0])
+        step_s, step_b = sync.step(action), batched.step(action)
+        for a, b in zip(step_s[:4], step_b[:4]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_ctrl_c_keeps_the_run(tmp_path):
+    """A real SIGINT to a running script: the run dir keeps its events, the world model, the agent and a summary
+    that says "interrupted" with the figures so far; one line says where, no traceback, exit code 130."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-u", SCRIPT, "--total-timesteps", "10000000", "--initial-real-steps",
+                             "300", "--eval-every", "0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    for line in proc.stdout:  # wait until PPO runs (the world model is fitted by then)
+        lines.append(line)
+        if "[ppo] iter 2/" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    names = os.listdir(run_dir)
+    assert {"world_model.pt", "agent.pt", "summary.json"} <= set(names)
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    with open(run_dir / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["status"] == "interrupted" and summary["real_env_steps"] == 300 and summary["imagined_steps"] > 0
+    assert f"interrupted: what the run wrote is kept in runs/{run_dir.name}" in out
+    replay = ppo_imagined.evaluate_checkpoint(str(run_dir / "agent.pt"))  # an unfinished run's agent replays too
+    assert len(replay["real_returns"]) == 10
