@@ -5,16 +5,16 @@
     python dqn_imagined.py --env-id Acrobot-v1
     python dqn_imagined.py --world-model-path runs/<run>/world_model.pt    # start from an existing world model
     python dqn_imagined.py --world-model none --total-timesteps 500000     # model-free baseline in the real env
+    python dqn_imagined.py --world-model examples/cartpole_physics.py:CartPolePhysics   # your own world model
     python dqn_imagined.py --eval-checkpoint runs/<run>/agent.pt           # replay a run's final evaluation
 
 The learner's budget, --total-timesteps, is split into --real-iterations + 1 equal phases. A phase is DQN on imagined
-steps (real ones with --world-model none), then an evaluation in the real env, then a Dyna round: real transitions
-from the epsilon-greedy policy and a warm refit of the world model. Imagined steps that leave the region the model
-knows end as terminations with the lowest possible value (the world model's halt rule, --halt-threshold).
+steps (real ones with --world-model none), then an evaluation in the real env (when --eval-every learner steps
+passed), then a Dyna round: real transitions from the epsilon-greedy policy and a warm refit of the world model.
+Imagined steps that leave the region the model knows end as terminations with the lowest possible value (the world
+model's halt rule, --halt-threshold). real_env_steps counts every real transition used for learning.
 """
-import atexit
 import collections
-import json
 import os
 import sys
 import time
@@ -29,12 +29,16 @@ import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules, from any cwd
-import rl_utils  # noqa: E402
-import world_model as wm  # noqa: E402
+import dyna  # noqa: E402
+import real_env  # noqa: E402
+import rl_utils as ru  # noqa: E402
+import world_model  # noqa: E402
 
 
 @dataclass
 class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """The name of this experiment (the run dir is runs/{env_id}__{exp_name}__{seed}__{time})."""
     seed: int = 1
     """The seed of the experiment; every other seed (envs, world model, evaluation episodes) derives from it."""
     torch_deterministic: bool = True
@@ -44,25 +48,27 @@ class Args:
     num_threads: int = 1
     """The number of torch CPU threads.
     One is the fastest for these small networks."""
-    save_model: bool = True
-    """Whether to save the agent to runs/{run_name}/agent.pt."""
     eval_checkpoint: Optional[str] = None
-    """Only evaluate a saved agent (runs/<run>/agent.pt) in the real env and exit.
-    It replays the run's own final evaluation (the run's seed and episode count), so it reproduces its return."""
+    """Only replay the final evaluation of a saved agent (runs/<run>/agent.pt) with its run's seed, then exit."""
     capture_video: bool = False
     """Record the final evaluation's real episodes, and one dream-vs-real video, under runs/<run>/videos/."""
 
     # Environment, world model and the Dyna loop
     env_id: str = "CartPole-v1"
-    """The id of the real Gymnasium environment (1-D Box observations, Discrete actions)."""
+    """The id of the real Gymnasium environment (Discrete actions)."""
     total_timesteps: int = 520_000
     """The learner's env steps: imagined ones with a world model, real ones with --world-model none.
     They are split into --real-iterations + 1 equal phases, with --num-envs steps per vector step."""
-    world_model: Literal["learned", "none"] = "learned"
-    """With `learned` DQN trains inside a world model; `none` is the model-free baseline in the real env."""
+    world_model: str = "ensemble"
+    """The world model: `ensemble` (the reference MLP ensemble), `none` (no model: the same DQN in the real env), or
+    your own as `path/to/file.py:attr` or `package.module:attr` (see world_model.py for the interface)."""
     world_model_path: Optional[str] = None
-    """A world_model.pt (train_world_model.py or an earlier run) to start from.
+    """A world-model checkpoint (train_world_model.py or an earlier run) to start from.
     Without it a model is fitted on --initial-real-steps random real transitions."""
+    vector_env: Literal["auto", "batched", "sync", "async"] = "auto"
+    """How the imagined envs are stepped: `batched` (one model call steps all; `auto` picks it where the model
+    offers it), or `sync` / `async`: gymnasium's SyncVectorEnv / AsyncVectorEnv of single imagined envs, each
+    thunk loading its own copy of the model (for models that only offer a single env)."""
     initial_real_steps: int = 2000
     """Random-policy real transitions for the first world model (when no --world-model-path is given)."""
     initial_action_repeat: int = 4
@@ -126,7 +132,8 @@ class Args:
 
     # Evaluation in the real env
     eval_every: int = 1
-    """Evaluate in the real env every this many phases (the last phase always is)."""
+    """Evaluate in the real env at the first phase end once this many learner steps (the unit of --total-timesteps)
+    passed since the last evaluation (1: after every phase; 0: only the final evaluation)."""
     eval_episodes: int = 10
     """Real episodes per evaluation; the final figures are over this many episodes."""
     target_return: Optional[float] = None
@@ -138,11 +145,24 @@ class Args:
     """The consecutive evaluations (fresh episodes each) whose mean return must reach --target-return to stop early."""
 
 
-make_env = rl_utils.make_env  # the real env thunk (CleanRL's make_env), shared by the scripts
 # Terminations are weighted by the full negative/positive ratio in the model's loss (the other scripts: its square
 # root). A greedy DQN only reaches a goal the model predicts: on Acrobot, with 2-4 goals in 4,000 steps, the
 # square root left the goal unpredicted and seeds 2 and 3 at -500 for 10,000 real transitions or more.
 TERMINATION_POS_WEIGHT = "ratio"
+
+
+def make_env(args, model_path, seed, horizon):
+    """CleanRL's make_env, for imagined envs stepped one per worker (--vector-env sync|async): the thunk builds and
+    loads its own copy of the world model, so that workers share nothing."""
+
+    def thunk():
+        torch.set_num_threads(1)
+        model = world_model.make(args.world_model, env_id=args.env_id, seed=seed)
+        model = model.load(model_path) if model_path else model
+        return model.imagined_env(seed=seed, horizon=horizon, start=args.imagined_start, halt=args.halt_threshold,
+                                  gamma=args.gamma)
+
+    return thunk
 
 
 class QNetwork(nn.Module):
@@ -202,207 +222,202 @@ def td_target(q_network, target_network, rewards, next_obs, terminated, discount
     return rewards + discounts * (1.0 - terminated) * next_values
 
 
+def make_envs(args, model, run, vector_env, device):
+    """The envs DQN steps: the model's batched imagined env, --vector-env sync/async workers of `make_env` thunks
+    (which load the run's latest world model, saved first), or the real envs without a model."""
+    if model is None:
+        return gym.vector.SyncVectorEnv([ru.real_env_thunk(args.env_id, args.seed + i) for i in range(args.num_envs)],
+                                        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
+    return dyna.imagined_vector_env(model, vector_env, args.num_envs, args.seed, device,
+                                    lambda seed: make_env(args, path, seed, args.imagined_horizon),
+                                    horizon=args.imagined_horizon, start=args.imagined_start,
+                                    halt=args.halt_threshold, gamma=args.gamma)
+
+
+def check_args(args, model):
+    """Every bad flag stops here with one line, before a run dir exists. Returns (action_space, target return)."""
+    ru.check_positive(args, "total_timesteps", "initial_action_repeat", "real_steps_per_iteration", "refit_passes",
+                      "imagined_horizon", "num_envs", "learning_rate", "buffer_size", "target_network_frequency",
+                      "batch_size", "train_frequency", "gradient_steps", "hidden_size", "num_threads", "n_step",
+                      "eval_episodes", "stop_after_evals")
+    for name in ("initial_real_steps", "real_iterations", "learning_starts", "halt_threshold", "eval_every"):
+        if getattr(args, name) < 0:
+            raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0", getattr(args, name))
+    for name in ("gamma", "tau", "start_e", "end_e", "exploration_fraction", "collect_epsilon"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ru.ArgError("--" + name.replace("_", "-"), "a number in [0, 1]", getattr(args, name))
+    _, action_space, reward_threshold = ru.real_env_spaces(args.env_id, "dqn_imagined.py", actions=("Discrete",))
+    learns = model is not None and getattr(model, "learns", True)
+    if learns and args.world_model_path is None and args.initial_real_steps < 2:
+        raise ru.ArgError("--initial-real-steps", "at least 2 transitions to fit a model on", args.initial_real_steps)
+    return action_space, args.target_return if args.target_return is not None else reward_threshold
+
+
 def evaluate_checkpoint(path):
-    """Replays the final evaluation of the run that saved `path`, with that run's seed and episode count."""
-    payload = rl_utils.load_agent(path)
+    """Rebuilds a saved agent (and its run's world model) and replays its run's final evaluation."""
+    payload = ru.load_agent(path)
     run = payload["args"]
-    obs_space, act_space, _ = rl_utils.real_env_spaces(run["env_id"], "dqn_imagined.py", actions=("Discrete",))
+    model = dyna.agent_world_model(payload, path)
+    obs_space, act_space, _ = ru.real_env_spaces(run["env_id"], "dqn_imagined.py", actions=("Discrete",))
+    obs_space = model.observation_space if model is not None else obs_space
     q_network = QNetwork(obs_space.shape[0], act_space.n, run["hidden_size"])
     q_network.load_state_dict(payload["state_dicts"]["q_network"])
-    seed = rl_utils.Evaluator(run["env_id"], run["seed"], run["eval_episodes"], writer=None).episode_seed(0)
-    returns, _ = wm.evaluate_in_real_env(q_network.act, run["env_id"], run["eval_episodes"], seed)
-    return {"agent_path": path, "env_id": run["env_id"], "seed": run["seed"], "eval_episodes": run["eval_episodes"],
-            "real_return_mean": float(returns.mean()), "real_return_std": float(returns.std()),
-            "real_returns": returns.tolist(), "world_model_path": payload["world_model_path"]}
+    return dyna.replay_final_evaluation("dqn_imagined", path, q_network.act, model)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    torch.set_num_threads(args.num_threads)
     if args.eval_checkpoint is not None:
-        print(json.dumps(evaluate_checkpoint(args.eval_checkpoint), indent=2))
+        evaluate_checkpoint(args.eval_checkpoint)
         sys.exit(0)
 
-    # checks first: a bad flag leaves no run dir behind
-    rl_utils.check_positive(args, "total_timesteps", "initial_action_repeat", "real_steps_per_iteration",
-                            "refit_passes", "imagined_horizon", "num_envs", "learning_rate", "buffer_size",
-                            "target_network_frequency", "batch_size", "train_frequency", "gradient_steps",
-                            "hidden_size", "num_threads", "n_step", "eval_every", "eval_episodes", "stop_after_evals")
-    for name in ("real_iterations", "learning_starts", "halt_threshold"):
-        if getattr(args, name) < 0:
-            raise rl_utils.ArgError("--" + name.replace("_", "-"), "a number >= 0", getattr(args, name))
-    for name in ("gamma", "tau", "start_e", "end_e", "exploration_fraction", "collect_epsilon"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise rl_utils.ArgError("--" + name.replace("_", "-"), "a number in [0, 1]", getattr(args, name))
-    use_model = args.world_model == "learned"
-    if not use_model and args.world_model_path is not None:
-        raise rl_utils.ArgError("--world-model-path", "no path with --world-model none", args.world_model_path,
-                                "Drop it for the model-free baseline, or use --world-model learned.")
-    obs_space, act_space, reward_threshold = rl_utils.real_env_spaces(args.env_id, "dqn_imagined.py",
-                                                                      actions=("Discrete",))
-    target = args.target_return if args.target_return is not None else reward_threshold
+    # checks: every bad flag stops here with one line, before a run dir exists
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    rl_utils.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
-    start_time = time.time()
-    timing = {"world_model_seconds": 0.0, "real_collect_seconds": 0.0, "eval_seconds": 0.0, "train_seconds": 0.0}
+    model = dyna.model_from_args(args, device)  # None for --world-model none; loads --world-model-path
+    # DQN needs rare terminations predicted (see TERMINATION_POS_WEIGHT); set by attribute so that any model with
+    # this knob (the ensemble) gets it and the script need not know the model's class
+    if hasattr(model, "termination_pos_weight"):
+        model.termination_pos_weight = TERMINATION_POS_WEIGHT
+    action_space, target = check_args(args, model)
+    learns = model is not None and getattr(model, "learns", True)
+    vector_env = dyna.vector_env_kind(args, model)
+    ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
 
-    # the world model: loaded from --world-model-path (checked before the run dir exists) or fitted on random data
-    model, buffer, real_env_steps, world_model_path = None, None, 0, args.world_model_path
-    if use_model:
-        try:
-            model, buffer, real_env_steps = wm.load_or_fit_world_model(
-                args.env_id, args.world_model_path, args.initial_real_steps, args.seed, device,
-                log=lambda line: print(f"[dqn_imagined] {line}", flush=True),
-                until_termination_policy=None if args.initial_action_repeat == 1 else
-                rl_utils.held_random_policy(act_space, args.initial_action_repeat, args.seed),
-                termination_pos_weight=TERMINATION_POS_WEIGHT)
-        except (FileNotFoundError, ValueError) as e:
-            raise rl_utils.ArgError("--world-model-path", "a world_model.pt for " + args.env_id,
-                                    args.world_model_path, str(e)) from None
-        timing["world_model_seconds"] += time.time() - start_time
-    run_name, run_dir, writer = rl_utils.start_run(args, "dqn_imagined", model_free=not use_model)
-    atexit.register(rl_utils.remove_run_dir_without_summary, run_dir)  # a run that fails leaves no empty dir
+    run = ru.Run(args, "dqn_imagined", model_free=model is None)
+    nets = {}  # what the run saves (finished, interrupted or failed): the agent once it exists, and the model
+    run.checkpoint = lambda: dyna.save_checkpoints(run, args, model, nets)
+    with run:
+        held = (ru.held_random_policy(action_space, args.initial_action_repeat, args.seed)
+                if args.initial_action_repeat > 1 else None)
+        data, run.figures["real_env_steps"] = dyna.initial_data(
+            model, args, run, log=lambda s: print("[dqn_imagined]", s, flush=True), until_termination_policy=held)
 
-    # env setup: batched imagined envs (NEXT_STEP autoreset), or the real env for the model-free baseline
-    if use_model:
-        envs = wm.make_imagined_vector_env(model, args.num_envs, seed=args.seed, horizon=args.imagined_horizon,
-                                           start=args.imagined_start, halt=args.halt_threshold, gamma=args.gamma)
-    else:
-        envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    n_actions = int(act_space.n)
+        envs = make_envs(args, model, run, vector_env, device)
+        obs_space = ru.check_policy_observations(envs.single_observation_space, "dqn_imagined.py", args.env_id,
+                                                 args.world_model)
+        n_actions = int(action_space.n)
+        q_network = nets["q_network"] = QNetwork(obs_space.shape[0], n_actions, args.hidden_size).to(device)
+        # fused: one kernel for the whole parameter update, ~13% less time per gradient step on a CPU
+        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
+        target_network = QNetwork(obs_space.shape[0], n_actions, args.hidden_size).to(device)
+        target_network.load_state_dict(q_network.state_dict())
+        rb = ru.ReplayBuffer(args.buffer_size, obs_space.shape[0], seed=args.seed)
+        rng = np.random.default_rng(args.seed)
+        evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, run.writer, target,
+                                                   model)
+        writer, figures = run.writer, run.figures
 
-    q_network = QNetwork(obs_space.shape[0], n_actions, args.hidden_size).to(device)
-    # fused: one kernel for the whole parameter update, ~13% less time per gradient step on a CPU
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
-    target_network = QNetwork(obs_space.shape[0], n_actions, args.hidden_size).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    rb = rl_utils.ReplayBuffer(args.buffer_size, obs_space.shape[0], seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    evaluator = rl_utils.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target)
+        num_phases = args.real_iterations + 1
+        vector_steps_per_phase = max(1, args.total_timesteps // (num_phases * args.num_envs))
+        total_steps = num_phases * vector_steps_per_phase * args.num_envs
+        global_step = grad_steps = last_eval = 0
+        recent_returns, epsilon = [], args.start_e
 
-    num_phases = args.real_iterations + 1
-    vector_steps_per_phase = max(1, args.total_timesteps // (num_phases * args.num_envs))
-    total_steps = num_phases * vector_steps_per_phase * args.num_envs
-    global_step = grad_steps = learner_transitions = 0
-    recent_returns, epsilon = [], args.start_e
+        def reset(seed):  # numpy observations (a batched env on a GPU gives tensors), nothing pending
+            first_obs = real_env.to_numpy(envs.reset(seed=seed)[0])
+            return (first_obs, np.zeros(args.num_envs, dtype=bool), np.zeros(args.num_envs), np.zeros(args.num_envs),
+                    collections.deque(maxlen=args.n_step))  # the deque: the last n vector steps, for n-step rows
 
-    obs, _ = envs.reset(seed=args.seed)
-    prev_done = np.zeros(args.num_envs, dtype=bool)
-    window = collections.deque(maxlen=args.n_step)  # the last n vector steps, for the n-step rows
-    for iteration in range(1, num_phases + 1):
-        phase_start = time.time()
-        halted = kept = 0
-        for _ in range(vector_steps_per_phase):
-            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * total_steps, global_step)
-            actions = q_network.act(obs, epsilon, rng)
-            next_obs, rewards, terminations, truncations, infos = envs.step(actions)
-            global_step += args.num_envs
+        obs, prev_done, ep_return, ep_length, window = reset(args.seed)
+        for iteration in range(1, num_phases + 1):
+            phase_start = time.time()
+            halted = kept = 0
+            for _ in range(vector_steps_per_phase):
+                epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * total_steps,
+                                          global_step)
+                actions = q_network.act(obs, epsilon, rng)
+                next_obs, rewards, terminations, truncations, infos = envs.step(actions)
+                next_obs, rewards, terminations, truncations = (real_env.to_numpy(x) for x in (
+                    next_obs, rewards, terminations, truncations))
+                global_step += args.num_envs
 
-            if "episode" in infos:
-                for i in np.flatnonzero(infos["_episode"]):
-                    recent_returns.append(float(infos["episode"]["r"][i]))
-                    writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
-                    writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+                # NEXT_STEP autoreset: a row that finished at the previous step was only reset now (its action
+                # ignored, reward 0): not a transition, never stored. At a finishing step next_obs is the true final
+                # observation. The buffer stores `terminated`, not `done`, so a truncated row is bootstrapped.
+                keep = ~prev_done
+                window.append(tuple(np.array(a, copy=True) for a in (obs, actions, rewards, next_obs, terminations,
+                                                                        truncations, keep)))
+                if len(window) == args.n_step:
+                    rb.add(*n_step_rows(window, args.gamma))
+                kept += int(keep.sum())
+                figures["imagined_steps" if model is not None else "real_env_steps"] += int(keep.sum())
+                halted += int(np.sum(real_env.to_numpy(infos.get("halted", False)).astype(bool) & keep))
+                prev_done = terminations | truncations
+                obs = next_obs
+                ep_return += rewards * keep
+                ep_length += keep
+                for i in np.flatnonzero(prev_done):
+                    recent_returns.append(float(ep_return[i]))
+                    writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
+                    writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
+                ep_return[prev_done], ep_length[prev_done] = 0.0, 0.0
 
-            # NEXT_STEP autoreset: a row that finished at the previous step was only reset now (its action ignored,
-            # reward 0): not a transition, never stored. At a finishing step next_obs is the true final observation.
-            # The buffer stores `terminated`, not `done`, so a truncated row is bootstrapped from its final obs.
-            keep = ~prev_done
-            window.append(tuple(np.array(a, copy=True) for a in (obs, actions, rewards, next_obs, terminations,
-                                                                    truncations, keep)))
-            if len(window) == args.n_step:
-                rb.add(*n_step_rows(window, args.gamma))
-            kept += int(keep.sum())
-            halted += int(np.sum(infos.get("halted", np.zeros(args.num_envs, bool)) & keep))
-            prev_done = terminations | truncations
-            obs = next_obs
+                # training: gradient phases of Double DQN on replay samples
+                if rb.size >= args.learning_starts and (global_step // args.num_envs) % args.train_frequency == 0:
+                    for _ in range(args.gradient_steps):
+                        b_obs, b_actions, b_rewards, b_next_obs, b_terminated, b_discounts = rb.sample(
+                            args.batch_size, device, discounts=True)
+                        target_q = td_target(q_network, target_network, b_rewards, b_next_obs, b_terminated,
+                                             b_discounts)
+                        q_taken = q_network(b_obs).gather(1, b_actions.view(-1, 1)).squeeze(1)
+                        loss = F.smooth_l1_loss(q_taken, target_q)
+                        optimizer.zero_grad()
+                        loss.backward()
+                        nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        grad_steps += 1
 
-            # training: gradient phases of Double DQN on replay samples
-            if rb.size >= args.learning_starts and (global_step // args.num_envs) % args.train_frequency == 0:
-                for _ in range(args.gradient_steps):
-                    b_obs, b_actions, b_rewards, b_next_obs, b_terminated, b_discounts = rb.sample(
-                        args.batch_size, device, discounts=True)
-                    target_q = td_target(q_network, target_network, b_rewards, b_next_obs, b_terminated, b_discounts)
-                    q_taken = q_network(b_obs).gather(1, b_actions.view(-1, 1)).squeeze(1)
-                    loss = F.smooth_l1_loss(q_taken, target_q)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    grad_steps += 1
+                        if grad_steps % args.target_network_frequency == 0:
+                            for target_param, param in zip(target_network.parameters(), q_network.parameters()):
+                                target_param.data.copy_(args.tau * param.data + (1.0 - args.tau) * target_param.data)
+                    writer.add_scalar("losses/td_loss", loss.item(), global_step)
+                    writer.add_scalar("losses/q_values", q_taken.mean().item(), global_step)
+                    writer.add_scalar("charts/epsilon", epsilon, global_step)
+                figures["global_step"], figures["gradient_steps"] = global_step, grad_steps  # so far, for a summary
+            run.timings["train_seconds"] += time.time() - phase_start
+            sps = int(global_step / run.timings["train_seconds"])
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/halted_fraction", halted / max(kept, 1), global_step)
 
-                    if grad_steps % args.target_network_frequency == 0:
-                        for target_param, param in zip(target_network.parameters(), q_network.parameters()):
-                            target_param.data.copy_(args.tau * param.data + (1.0 - args.tau) * target_param.data)
-                writer.add_scalar("losses/td_loss", loss.item(), global_step)
-                writer.add_scalar("losses/q_values", q_taken.mean().item(), global_step)
-                writer.add_scalar("charts/epsilon", epsilon, global_step)
-        timing["train_seconds"] += time.time() - phase_start
-        learner_transitions += kept
-        if not use_model:
-            real_env_steps += kept
-        sps = int(global_step / timing["train_seconds"])
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/halted_fraction", halted / max(kept, 1), global_step)
+            # evaluation in the real env (its episodes are never learned from)
+            stop = False
+            if ru.eval_due(args.eval_every, global_step, last_eval):
+                last_eval = global_step
+                evaluator(q_network.act, global_step, figures["real_env_steps"])
+                stop = args.early_stop and evaluator.solved(args.stop_after_evals)
+            print(f"[dqn_imagined] iter {iteration}/{num_phases} step {global_step} "
+                  f"{'imagined_return' if model is not None else 'train_return'} "
+                  f"{ru.fmt(np.mean(recent_returns[-20:]) if recent_returns else None)} "
+                  f"real_return {ru.fmt(evaluator.last_real)} real_steps {figures['real_env_steps']} "
+                  f"gap {ru.fmt(evaluator.last_gap)} eps {epsilon:.2f} halted {halted / max(kept, 1):.3f} SPS {sps}",
+                  flush=True)
+            if stop:
+                print(f"[dqn_imagined] the mean return of {args.stop_after_evals} consecutive evaluations reached "
+                      f"{target}: stopping early", flush=True)
+                break
 
-        # evaluation in the real env (its episodes are never learned from)
-        last_phase = iteration == num_phases
-        entry = None
-        if iteration % args.eval_every == 0 or last_phase:
-            entry = evaluator(q_network.act, global_step, real_env_steps, model=model)
-        label = "imagined_return" if use_model else "train_return"
-        print(f"[dqn_imagined] iter {iteration}/{num_phases} step {global_step} "
-              f"{label} {rl_utils.fmt(np.mean(recent_returns[-20:]) if recent_returns else None)} "
-              f"real_return {rl_utils.fmt(evaluator.last_real)} real_steps {real_env_steps} "
-              f"gap {rl_utils.fmt(evaluator.last_gap if use_model else None)} eps {epsilon:.2f} "
-              f"halted {halted / max(kept, 1):.3f} SPS {sps}", flush=True)
-        if args.early_stop and entry is not None and evaluator.solved(args.stop_after_evals):
-            print(f"[dqn_imagined] the mean return of {args.stop_after_evals} consecutive evaluations reached "
-                  f"{target}: stopping early", flush=True)
-            break
+            # Dyna round: real data from the epsilon-greedy policy, then a warm refit of the world model (in place:
+            # a batched imagined env sees the new model at its next step)
+            if learns and iteration < num_phases:
+                collect_rng = np.random.default_rng([args.seed, iteration])
+                data, metrics = dyna.dyna_round(
+                    model, data, args.env_id, lambda o: q_network.act(o, args.collect_epsilon, collect_rng),
+                    args.real_steps_per_iteration, seed=args.seed + 1000 * iteration, refit_passes=args.refit_passes,
+                    writer=writer, global_step=global_step)
+                run.add_dyna_round(metrics)
+                if vector_env != "batched":  # the workers' copies are stale: new workers load the refit model
+                    envs.close()
+                    envs = make_envs(args, model, run, vector_env, device)
+                    obs, prev_done, ep_return, ep_length, window = reset(args.seed + iteration)
+        envs.close()
 
-        # Dyna round: real data from the epsilon-greedy policy, then a warm refit of the world model (in place: the
-        # imagined envs see the new model at their next step)
-        if use_model and not last_phase:
-            t0 = time.time()
-            collect_rng = np.random.default_rng([args.seed, iteration])
-            model, buffer, metrics = wm.dyna_round(
-                model, buffer, args.env_id, lambda o: q_network.act(o, args.collect_epsilon, collect_rng),
-                args.real_steps_per_iteration, seed=args.seed + 1000 * iteration, refit_passes=args.refit_passes,
-                writer=writer, global_step=global_step, termination_pos_weight=TERMINATION_POS_WEIGHT)
-            real_env_steps += metrics["new_real_steps"]
-            timing["world_model_seconds"] += metrics["seconds"]
-            timing["real_collect_seconds"] += time.time() - t0 - metrics["seconds"]
-    envs.close()
+        # the final evaluation: fresh real episodes whose seeds depend only on the run's seed (--eval-checkpoint
+        # replays it)
+        final = evaluator(q_network.act, global_step, figures["real_env_steps"], final=True)
+        if args.capture_video:
+            import visualize
 
-    # the final evaluation: fresh real episodes whose seeds depend only on the run's seed (--eval-checkpoint replays it)
-    final = evaluator(q_network.act, global_step, real_env_steps, model=model, final=True)
-    timing["eval_seconds"] = evaluator.seconds
-    if use_model and (args.world_model_path is None or args.real_iterations > 0):
-        world_model_path = os.path.abspath(os.path.join(run_dir, "world_model.pt"))
-        wm.save_world_model(model, world_model_path, extra={"real_env_steps": real_env_steps}, buffer=buffer)
-    if args.capture_video:
-        import visualize
-
-        visualize.capture_videos(q_network.act, args.env_id, evaluator.episode_seed(0), run_dir, args.eval_episodes,
-                                 model)
-    agent_path = None
-    if args.save_model:
-        agent_path = os.path.abspath(os.path.join(run_dir, "agent.pt"))
-        rl_utils.save_agent(agent_path, {"q_network": q_network.state_dict()}, args, world_model_path)
-    writer.close()
-    returns = final["returns"]
-    scale = abs(target) if target else float(np.max(np.abs(returns)))
-    rl_utils.finish_run("dqn_imagined", run_dir, {
-        "algo": "dqn_imagined", "env_id": args.env_id, "seed": args.seed, "world_model": args.world_model,
-        "world_model_path": world_model_path, "real_return_mean": final["real_return_mean"],
-        "real_return_std": final["real_return_std"], "real_returns": returns, "eval_episodes": args.eval_episodes,
-        "real_env_steps": real_env_steps, "eval_env_steps": evaluator.env_steps,
-        "imagined_steps": learner_transitions if use_model else 0,
-        "imagined_return_mean": final.get("imagined_return_mean"),
-        "imagined_minus_real": final.get("imagined_minus_real"), "real_return_scale": scale,
-        "wall_seconds": time.time() - start_time, **timing, "global_step": global_step, "gradient_steps": grad_steps,
-        "target_return": target, "real_env_steps_to_target": evaluator.reached_at, "agent_path": agent_path,
-        "run_dir": os.path.abspath(run_dir), "eval_history": evaluator.history,
-    })
+            visualize.capture_videos(q_network.act, args.env_id, evaluator.episode_seed(0), run.dir,
+                                     args.eval_episodes, model)
+        run.finish(final)

@@ -69,8 +69,9 @@ def _run_in_process(tmp_path, monkeypatch, flags):
 
     class RecordingReplayBuffer(rl_utils.ReplayBuffer):
         def add(self, obs, actions, rewards, next_obs, terminated, discounts=1.0):
-            stored.append([np.array(x, dtype=np.float64).reshape(len(obs), -1)
-                           for x in (obs, actions, rewards, next_obs, terminated)])
+            if len(obs):  # a vector step whose rows were all reset steps adds nothing
+                stored.append([np.array(x, dtype=np.float64).reshape(len(obs), -1)
+                               for x in (obs, actions, rewards, next_obs, terminated)])
             super().add(obs, actions, rewards, next_obs, terminated, discounts)
 
     monkeypatch.setattr(rl_utils, "ReplayBuffer", RecordingReplayBuffer)
@@ -112,27 +113,47 @@ def test_imagined_run_never_stores_reset_steps(tmp_path, monkeypatch):
     assert summary["imagined_steps"] == len(obs) and num_steps // 6 <= num_steps - len(obs) <= num_steps // 2
 
 
+ROOT = os.path.dirname(SCRIPT)
+
+
+@pytest.mark.parametrize("flags,real_steps", [
+    (["--vector-env", "sync"], 300 + 100),  # workers load the saved ensemble, new ones after the refit
+    (["--world-model", os.path.join(ROOT, "examples/cartpole_physics.py:CartPolePhysics")], 0),  # nothing to learn
+])
+def test_any_world_model_and_the_make_env_thunks(tmp_path, monkeypatch, flags, real_steps):
+    obs, actions, rewards, next_obs, terminated, summary = _run_in_process(
+        tmp_path, monkeypatch, [*TINY, "--n-step", "1", *flags])
+    assert not np.any((rewards == 0.0) & ~terminated)  # no NEXT_STEP reset step stored
+    assert summary["status"] == "finished" and summary["real_env_steps"] == real_steps
+    assert summary["imagined_steps"] == len(obs) > 0 and summary["eval_env_steps"] > 0
+
+
 def _run(tmp_path, *flags):
     return subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def test_end_to_end_learned_model_and_eval_checkpoint_reproduces_the_run(tmp_path):
+def test_end_to_end_learned_model_and_eval_checkpoint_reproduces_the_run(tmp_path, monkeypatch):
     proc = _run(tmp_path, *TINY)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("runs/CartPole-v1__dqn_imagined__1__*/summary.json")
     s = json.loads(path.read_text())
+    assert s["status"] == "finished" and s["world_model"] == "ensemble"
     assert s["real_env_steps"] == 300 + 100  # the model's random data and one Dyna round; evaluation excluded
     assert 0 < s["imagined_steps"] <= s["global_step"] == 256 and s["eval_env_steps"] > 0
     assert s["imagined_return_mean"] is not None and len(s["eval_history"]) == 2
     for key in ("world_model_seconds", "real_collect_seconds", "eval_seconds", "train_seconds", "wall_seconds"):
         assert s[key] >= 0
-    assert os.path.isfile(s["world_model_path"]) and os.path.isfile(s["agent_path"])
+    # the paths are relative to the directory the run started in
+    assert os.path.isfile(tmp_path / s["world_model_path"]) and os.path.isfile(tmp_path / s["agent_path"])
     assert "[dqn_imagined] iter 2/2 step 256 imagined_return" in proc.stdout
     # a different --seed on the command line does not matter: the run's own seed travels in the checkpoint
     again = _run(tmp_path, "--eval-checkpoint", s["agent_path"], "--seed", "7")
     assert again.returncode == 0, again.stderr[-3000:]
-    result = json.loads(again.stdout)
+    assert again.stdout.strip().count("\n") == 0
+    assert f"real return {s['real_return_mean']:.1f} +/- {s['real_return_std']:.1f} over 3 episodes" in again.stdout
+    monkeypatch.chdir(tmp_path)
+    result = dqn.evaluate_checkpoint(s["agent_path"])
     assert result["real_returns"] == s["real_returns"] and result["real_return_mean"] == s["real_return_mean"]
 
 
@@ -158,6 +179,14 @@ def test_bad_flag_values_stop_with_one_line_and_no_run_dir(tmp_path, monkeypatch
         runpy.run_path(SCRIPT, run_name="__main__")
     message = str(exc.value.code)
     assert needle in message and "\n" not in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_world_model_file_stops_with_one_line_and_no_run_dir(tmp_path):
+    proc = _run(tmp_path, "--world-model", "nosuchfile.py:X")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --world-model:")
+    assert "nosuchfile.py" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
