@@ -619,10 +619,11 @@ def load_world_model(path, device="cpu", env_id=None):
         observation_space = _space_from_dict(payload["observation_space"])
         action_space = _space_from_dict(payload["action_space"])
         cfg = payload["config"]
-        model = EnsembleWorldModel(
-            observation_space, action_space, ensemble_size=cfg["ensemble_size"], hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_layers"], env_id=payload["env_id"], max_episode_steps=payload["max_episode_steps"],
-        )
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: loading draws no random numbers
+            model = EnsembleWorldModel(
+                observation_space, action_space, ensemble_size=cfg["ensemble_size"], hidden_size=cfg["hidden_size"],
+                num_layers=cfg["num_layers"], env_id=payload["env_id"], max_episode_steps=payload["max_episode_steps"],
+            )
         model.load_state_dict(payload["state_dict"])
         model.start_obs = payload["start_obs"].float()
         model.buffer_obs = payload["buffer_obs"].float()
