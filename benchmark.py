@@ -26,7 +26,6 @@ The Python garbage collector is paused inside a measurement, as `timeit` does.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import platform
@@ -44,13 +43,14 @@ import torch.nn as nn
 import tyro
 
 try:
+    from run_io import write_json_atomic
     from world_model_env import WorldModelEnv, WorldModelVectorEnv
 
     # The seed tutorial's toy model and adapters, shared with the tests so both time what users start from.
     from tests import seed_toy
 except ImportError as exc:  # a clear message instead of a traceback from deep inside the run
     raise SystemExit(
-        f"benchmark.py: could not import world_model_env.py or tests/seed_toy.py ({exc}). "
+        f"benchmark.py: could not import run_io.py, world_model_env.py or tests/seed_toy.py ({exc}). "
         "Run the benchmark from the repository root: python benchmark.py ..."
     ) from exc
 
@@ -427,14 +427,6 @@ def check_args(args: Args) -> Args:
     return args
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 def main(args: Args) -> dict:
     args = check_args(args)
     wall_start = time.perf_counter()
@@ -573,7 +565,9 @@ def sb3_vecenv_main(args: Args) -> dict:
     measured --repeats times interleaved; the speed-up is the median of the per-repeat ratios."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    import world_model as wm
+    import ensemble
+    import real_env
+    from ensemble_imagination import make_imagined_env, make_imagined_vector_env
     from sb3_example import WorldModelSB3VecEnv
 
     args = check_args(args)
@@ -582,8 +576,8 @@ def sb3_vecenv_main(args: Args) -> dict:
     torch.set_num_threads(args.num_threads)
     wall_start = time.perf_counter()
     # the weights do not change the cost of a step: a short fit on a little real data is enough
-    data = wm.collect_transitions("CartPole-v1", 500, seed=args.seed)
-    model, _ = wm.fit_world_model(data, seed=args.seed, max_epochs=1)
+    data = real_env.collect_transitions("CartPole-v1", 500, seed=args.seed)
+    model, _ = ensemble.fit_world_model(data, seed=args.seed, max_epochs=1)
     print(f"benchmark --sb3-vecenv: EnsembleWorldModel (CartPole-v1, {model.ensemble_size} members, "
           f"{model.num_layers}x{model.hidden_size}), {args.num_threads} torch thread(s), repeats={args.repeats}, "
           f"min_time={args.min_time}s\n", flush=True)
@@ -591,9 +585,9 @@ def sb3_vecenv_main(args: Args) -> dict:
     table = {}
     for n in sorted(set(args.sb3_sizes)):
         actions = np.random.default_rng(args.seed).integers(0, 2, size=n)  # fixed: the policy is not measured
-        adapter = WorldModelSB3VecEnv(wm.make_imagined_vector_env(
+        adapter = WorldModelSB3VecEnv(make_imagined_vector_env(
             model, n, seed=args.seed, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
-        dummy = DummyVecEnv([partial(wm.make_imagined_env, model) for _ in range(n)])
+        dummy = DummyVecEnv([partial(make_imagined_env, model) for _ in range(n)])
         cases = [sb3_case("adapter", adapter, actions, args.seed), sb3_case("dummy", dummy, actions, args.seed)]
         try:
             rates = measure(cases, args.repeats, args.min_time)

@@ -1,33 +1,46 @@
-# Fits the reference world model (world_model.py) on real data and reports how good it is (CleanRL-style script).
+# Fits a world model on real data and reports how good it is (CleanRL-style script).
 #
 #   python train_world_model.py                        # CartPole-v1, 20k random-policy transitions, ~20 s
 #   python train_world_model.py --env-id Pendulum-v1   # any env with a 1-D Box observation, Discrete or Box actions
+#   python train_world_model.py --world-model my_model.py:MyModel   # your own model (see world_model.py)
 #
 # 1. collects `--total-timesteps` real transitions with a uniform random policy,
-# 2. fits a probabilistic MLP ensemble that predicts the observation delta, the reward and termination,
-# 3. measures its accuracy on held-out real episodes (one-step, reward, termination, open-loop k-step),
+# 2. fits the world model: the reference ensemble (a probabilistic MLP ensemble that predicts the observation delta,
+#    the reward and termination, sized by the flags below) or the `--world-model` you name (its own `fit`),
+# 3. for a model that can be drawn (the ensemble: it offers `predict`), measures its accuracy on held-out real
+#    episodes (one-step, reward, termination, open-loop k-step) and draws the open-loop figure (held-out real
+#    episodes against the model's prediction from the same start with the same actions) as
+#    runs/{run_name}/open_loop.png and as a TensorBoard image; other models are fitted and saved only,
 # 4. writes runs/{run_name}/world_model.pt (atomic; it carries the real transitions, so Dyna refits of the loaded
-#    model see them), runs/{run_name}/summary.json, TensorBoard scalars under world_model/ and the open-loop figure
-#    (held-out real episodes against the model's prediction from the same start with the same actions) as
-#    runs/{run_name}/open_loop.png and as a TensorBoard image.
-import dataclasses
+#    model see them), runs/{run_name}/summary.json and TensorBoard scalars under world_model/.
+# Ctrl-C keeps the run dir: summary.json says "status": "interrupted" (with the checkpoint, once the model is fitted).
 import os
+import sys
 import time
-from dataclasses import dataclass
+import types
+from dataclasses import asdict, dataclass
 from typing import Literal
 
+import gymnasium as gym
 import torch
 import tyro
 
-import rl_utils
-import visualize
-import world_model as wm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dyna  # noqa: E402
+import ensemble  # noqa: E402
+import real_env  # noqa: E402
+import rl_utils as ru  # noqa: E402
+import run_io  # noqa: E402
+import world_model  # noqa: E402
+
+ACCURACY_KEYS = ("one_step_mse", "reward_mae", "termination_precision", "termination_recall", "num_test_transitions",
+                 "num_test_terminations")
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """The name of this experiment."""
+    """The name of this experiment (the run dir is runs/{env_id}__{exp_name}__{seed}__{time})."""
     seed: int = 1
     """Seed of the experiment (data collection, split, initialisation, minibatch order)."""
     torch_deterministic: bool = True
@@ -39,13 +52,17 @@ class Args:
     One thread: these small matmuls gain little from more, and lose a lot when the cores are shared."""
 
     env_id: str = "CartPole-v1"
-    """The id of the real environment (1-D Box observations; Discrete or Box actions)."""
+    """The id of the real environment (1-D Box observations for the ensemble; Discrete or Box actions)."""
+    world_model: str = "ensemble"
+    """The world model to fit: `ensemble` (the reference MLP ensemble, sized by the flags below), or your own as
+    `path/to/file.py:attr` or `package.module:attr` (fitted with its own `fit` and saved; the accuracy report and the
+    open-loop figure need the ensemble's `predict`)."""
     total_timesteps: int = 20000
     """The number of real transitions collected with a uniform random policy."""
     test_fraction: float = 0.1
     """The fraction of real episodes held out for the accuracy report (never used for fitting or early stopping)."""
     val_fraction: float = 0.1
-    """The fraction of the remaining episodes used for early stopping."""
+    """The fraction of the remaining episodes used for early stopping (ensemble)."""
 
     ensemble_size: int = 5
     """The number of ensemble members."""
@@ -66,77 +83,115 @@ class Args:
     termination_pos_weight: Literal["ratio", "sqrt", "none"] = "sqrt"
     """The class weight of terminations in the BCE: negatives/positives, its square root, or none.
     The square root favours recall: a missed termination teaches a policy that failing states are survivable."""
-    save_model: bool = True
-    """Whether to write runs/{run_name}/world_model.pt."""
+
+
+class WorldModelRun(ru.Run):
+    """ru.Run (run dir, writer, Ctrl-C handling) with this script's summary: a fit has no policy to evaluate, so
+    the summary holds the model's accuracy instead of returns; an interrupted one what was done so far."""
+
+    def summary(self, status, final=None, **extra):
+        return {"algo": self.tag, "env_id": self.args.env_id, "seed": self.args.seed, "status": status,
+                "world_model": self.args.world_model, "real_env_steps": self.figures["real_env_steps"],
+                **self.timings, "wall_seconds": time.time() - self.start_time, "run_dir": self.dir, **extra}
 
 
 def check_args(args: Args):
+    """Every bad flag stops here with one line, before a run dir exists. Returns the (unfitted) world model."""
     if args.total_timesteps < 2:
-        raise rl_utils.ArgError("--total-timesteps", "at least 2 real transitions", args.total_timesteps)
-    rl_utils.check_positive(args, "ensemble_size", "hidden_size", "num_layers", "batch_size", "max_epochs",
-                            "patience", "learning_rate")
+        raise ru.ArgError("--total-timesteps", "at least 2 real transitions", args.total_timesteps)
+    ru.check_positive(args, "ensemble_size", "hidden_size", "num_layers", "batch_size", "max_epochs",
+                      "patience", "learning_rate")
     for name in ("test_fraction", "val_fraction"):
         if not 0.0 <= getattr(args, name) < 1.0:
-            raise rl_utils.ArgError("--" + name.replace("_", "-"), "a fraction in [0, 1)", getattr(args, name))
-    rl_utils.real_env_spaces(args.env_id, "train_world_model.py")
+            raise ru.ArgError("--" + name.replace("_", "-"), "a fraction in [0, 1)", getattr(args, name))
+    if args.world_model == world_model.NO_MODEL:
+        raise ru.ArgError("--world-model", "a model to fit: ensemble, path/to/file.py:attr or package.module:attr",
+                          args.world_model, "`none` is the model-free baseline of the training scripts.")
+    obs_space = ru.real_env_spaces(args.env_id, "train_world_model.py")[0]
+    if not isinstance(obs_space, gym.spaces.Box):  # the real data are arrays (N, *obs_shape)
+        raise ru.ArgError("--env-id", "an env with Box observations (the ensemble: a 1-D Box observation space)",
+                          args.env_id, f"It has {obs_space}; wrap it with gymnasium.wrappers.FlattenObservation.")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # model_from_args reads --world-model-path, which this script does not have: it always fits a new model
+    model = dyna.model_from_args(types.SimpleNamespace(**vars(args), world_model_path=None), device)
+    if not getattr(model, "learns", True):
+        raise ru.ArgError("--world-model", "a model that learns from real data", args.world_model,
+                          f"{type(model).__name__} has learns = False: there is nothing to fit.")
+    return model, device
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_args(args)
-    run_name, run_dir, writer = rl_utils.start_run(args, args.exp_name)
-    try:
-        start_time = time.time()
-        rl_utils.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    model, device = check_args(args)
+    ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
 
-        buffer = wm.collect_transitions(args.env_id, args.total_timesteps, args.seed)
-        collect_seconds = time.time() - start_time
-        writer.add_scalar("charts/SPS", int(len(buffer) / max(collect_seconds, 1e-9)), len(buffer))
+    run = WorldModelRun(args, "train_world_model")
+    saved = {"fitted": False}  # and the checkpoint once written: an interrupted run's summary names it
+
+    def save_checkpoint(summary=None):
+        if saved["fitted"]:
+            # all real data (the test episodes too: real_env_steps counts them) travels with the model, so a Dyna
+            # refit of the loaded checkpoint sees it together with the new data
+            saved["checkpoint"] = model.save(run.path("world_model.pt"), extra={
+                "summary": summary or {}, "args": asdict(args), "real_env_steps": run.figures["real_env_steps"]})
+        return {"checkpoint": saved.get("checkpoint")}
+
+    run.checkpoint = save_checkpoint
+    with run:
+        writer = run.writer
+        t0 = time.time()
+        buffer = real_env.collect_transitions(args.env_id, args.total_timesteps, args.seed)
+        run.figures["real_env_steps"] = len(buffer)
+        run.timings["real_collect_seconds"] = time.time() - t0
+        writer.add_scalar("charts/SPS", int(len(buffer) / max(run.timings["real_collect_seconds"], 1e-9)),
+                          len(buffer))
         print(f"[train_world_model] collected {len(buffer)} real transitions ({buffer.num_episodes} episodes) "
-              f"in {collect_seconds:.1f}s", flush=True)
+              f"in {run.timings['real_collect_seconds']:.1f}s", flush=True)
 
         # whole episodes are held out, so the k-step segments of the report were never seen in fitting
         fit_buf, test_buf = buffer.split_episodes(args.test_fraction, seed=args.seed)
-        model, fit = wm.fit_world_model(
-            fit_buf, seed=args.seed, ensemble_size=args.ensemble_size, hidden_size=args.hidden_size,
-            num_layers=args.num_layers, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-            batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience,
-            val_fraction=args.val_fraction, termination_pos_weight=args.termination_pos_weight,
-            env_id=args.env_id, device=device, writer=writer, global_step=len(buffer), verbose=True,
-        )
-        accuracy = wm.evaluate_world_model(model, test_buf) if len(test_buf) else {}
-        figure = visualize.write_open_loop(model, test_buf if len(test_buf) else fit_buf, writer, len(buffer))
-        ckpt_path = os.path.join(run_dir, "world_model.pt")
-        summary = {
-            "env_id": args.env_id, "seed": args.seed,
-            **{k: accuracy.get(k) for k in ("one_step_mse", "reward_mae", "termination_precision",
-                                            "termination_recall", "num_test_transitions", "num_test_terminations")},
-            **{f"k_step_error_{k}": accuracy.get(f"k_step_error_{k}") for k in wm.K_STEPS},
-            **{f"k_step_count_{k}": accuracy.get(f"k_step_count_{k}") for k in wm.K_STEPS},
-            "real_env_steps": len(buffer), "train_epochs": fit["epochs"], "fit_seconds": fit["seconds"],
-            "val_mse": fit["val_mse"], "checkpoint": ckpt_path if args.save_model else None, "open_loop_figure": figure,
-            "run_dir": run_dir,
-        }
-        if args.save_model:
-            # all real data (the test episodes too: real_env_steps counts them) travels with the model, so a Dyna
-            # refit of the loaded checkpoint sees it together with the new data
-            wm.save_world_model(model, ckpt_path, extra={"summary": summary, "args": dataclasses.asdict(args),
-                                                         "real_env_steps": len(buffer)}, buffer=buffer)
-        summary["wall_seconds"] = time.time() - start_time
+        t0 = time.time()
+        if isinstance(model, ensemble.EnsembleModel):  # the reference ensemble, sized by this script's flags
+            model.net, fit = ensemble.fit_world_model(
+                fit_buf, seed=args.seed, ensemble_size=args.ensemble_size, hidden_size=args.hidden_size,
+                num_layers=args.num_layers, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience,
+                val_fraction=args.val_fraction, termination_pos_weight=args.termination_pos_weight,
+                env_id=args.env_id, device=device, writer=writer, global_step=len(buffer), verbose=True)
+            model.data = buffer  # what its checkpoint carries: all real data
+        else:
+            fit = model.fit(fit_buf, seed=args.seed, writer=writer, global_step=len(buffer)) or {}
+        saved["fitted"] = True
+        run.timings["world_model_seconds"] = time.time() - t0
+
+        summary = {"train_epochs": fit.get("epochs"), "fit_seconds": fit.get("seconds", time.time() - t0),
+                   "val_mse": fit.get("val_mse")}
+        if isinstance(getattr(model, "net", None), ensemble.EnsembleWorldModel):  # a model that can be drawn
+            import visualize
+
+            accuracy = ensemble.evaluate_world_model(model.net, test_buf) if len(test_buf) else {}
+            summary.update({k: accuracy.get(k) for k in ACCURACY_KEYS})
+            for kind in ("error", "count"):
+                summary.update({f"k_step_{kind}_{k}": accuracy.get(f"k_step_{kind}_{k}") for k in ensemble.K_STEPS})
+            summary["open_loop_figure"] = visualize.write_open_loop(model, test_buf if len(test_buf) else fit_buf,
+                                                                    writer, len(buffer))
+        else:
+            print(f"[train_world_model] --world-model {args.world_model} offers no `predict` to draw: fitted and "
+                  "saved only (no accuracy report, no open-loop figure)", flush=True)
+        summary = run.summary("finished", **summary)
+        summary["checkpoint"] = save_checkpoint(summary)["checkpoint"]
         for k, v in summary.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed", "real_env_steps"):
                 writer.add_scalar(f"world_model/{k}", v, len(buffer))
-        wm.write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+        summary["wall_seconds"] = time.time() - run.start_time
+        run_io.write_json_atomic(run.path("summary.json"), summary)
         writer.close()
-    finally:
-        rl_utils.remove_run_dir_without_summary(run_dir)
 
-    print("[train_world_model] accuracy on held-out real episodes:")
+    accuracy = " (accuracy on held-out real episodes)" if "one_step_mse" in summary else ""
+    print(f"[train_world_model] summary{accuracy}:")
     for k, v in summary.items():
         print(f"  {k}: {v:.5g}" if isinstance(v, float) else f"  {k}: {v}")
-    print(f"[train_world_model] results: {os.path.join(run_dir, 'summary.json')}")
-    if args.save_model:
-        print(f"[train_world_model] world model: {ckpt_path} (use it: python ppo_imagined.py --env-id {args.env_id} "
-              f"--world-model-path {ckpt_path})")
+    print(f"[train_world_model] results: {run.path('summary.json')}")
+    print(f"[train_world_model] world model: {summary['checkpoint']} (use it: python ppo_imagined.py --env-id "
+          f"{args.env_id} --world-model {args.world_model} --world-model-path {summary['checkpoint']})")
     print("[train_world_model] curves: tensorboard --logdir runs")

@@ -89,7 +89,7 @@ def write_open_loop(model, buffer, writer, step, name="open_loop", refit=None):
     """The open-loop figure of `model` (an `ensemble.EnsembleModel` or its network) on `buffer`'s episodes, as
     runs/<run>/{name}.png (the latest one) and as a TensorBoard image `world_model/{name}` at `step` (one per call).
     `refit`: the learner step of the refit the figure comes before, named in its title. Returns the PNG's path."""
-    fig = open_loop_figure(getattr(model, "net", model), buffer, refit=refit)
+    fig = open_loop_figure(model, buffer, refit=refit)
     path = save_figure(fig, os.path.join(writer.log_dir, f"{name}.png"))
     log_figure(writer, f"world_model/{name}", fig, step)
     return path
@@ -133,6 +133,46 @@ def _episode_bounds(buffer):
     starts = np.concatenate([[0], cuts])
     ends = np.concatenate([cuts, [len(ids)]])
     return [(int(ids[s]), int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+
+_RENDERER = None
+
+
+def text_width(text, fontsize):
+    """The width in inches of one line of `text` in the default font at `fontsize` points."""
+    global _RENDERER
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    _RENDERER = _RENDERER or RendererAgg(1, 1, DPI)
+    return _RENDERER.get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)[0] / DPI
+
+
+def wrap_to_width(text, fontsize, width):
+    """`text` with line breaks between words, so that no line is wider than `width` inches at `fontsize`."""
+    lines = []
+    for word in text.split(" "):
+        if lines and text_width(lines[-1] + " " + word, fontsize) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def legend_columns(labels, width, fontsize=8):
+    """The most columns in which a figure legend of `labels` fits `width` inches (matplotlib fills it column by
+    column; each column as wide as its widest entry: handle, pad, text and the spacing to the next column)."""
+    entry = [text_width(label, fontsize) + 4.8 * fontsize / 72 for label in labels]
+    for ncol in range(len(labels), 1, -1):
+        rows = -(-len(labels) // ncol)
+        if sum(max(entry[i:i + rows]) for i in range(0, len(labels), rows)) <= width:
+            return ncol
+    return 1
+
+
+# the entries of the open-loop figure's legend, in the order the panels draw them (those drawn are shown)
+OPEN_LOOP_LABELS = ("members min..max", "model (ensemble mean)", "real", "real: terminated",
+                    "model: terminated (first)")
 
 
 @torch.no_grad()
@@ -196,14 +236,18 @@ def k_step_errors(model, buffer, horizon, max_segments=2000, seed=0, with_median
 
 def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims=MAX_DIMS, max_segments=2000,
                      refit=None):
-    """Figure: for `num_episodes` real episodes of `buffer` (pass HELD-OUT data, e.g. the validation split of
-    TransitionBuffer.split_episodes), every observation dimension and the reward over up to `horizon` steps: real
-    (black) against the model's open-loop prediction from the same real start state with the same real actions,
-    ensemble mean (blue) with the band min..max over the members (each member rolled out on its own). An episode
-    shorter than `horizon` is drawn over its whole length; episodes at least `horizon` long are preferred (random
-    choice by `seed`), else the longest. The reward row marks the real termination (dashed) and the first step the
-    model's mean rollout predicts termination (red x). The bottom panel: the k-step error (mean over all segments of
-    the buffer, in obs-std units, see `k_step_errors`) against k. Returns a matplotlib Figure (Agg, 100 dpi)."""
+    """Figure of `model` (an `ensemble.EnsembleModel` or its `EnsembleWorldModel`): for `num_episodes` real
+    episodes of `buffer` (pass HELD-OUT data, e.g. the validation split of TransitionBuffer.split_episodes), every
+    observation dimension and the reward over up to `horizon` steps: real (black) against the model's open-loop
+    prediction from the same real start state with the same real actions, ensemble mean (blue) with the band
+    min..max over the members (each member rolled out on its own). An episode shorter than `horizon` is drawn over
+    its whole length; episodes at least `horizon` long are preferred (random choice by `seed`), else the longest; a
+    column's title says how much of its episode is drawn ("first 60 of 263 steps"). The reward row marks the real
+    termination (dashed) and the first step the model's mean rollout predicts termination (red x). The bottom
+    panel: the k-step error (mean over all segments of the buffer, in obs-std units, see `k_step_errors`) against k.
+    `refit`: the learner step of the refit the figure comes before, named in the title. Every text is wrapped to
+    the width it has, so nothing is cut off (one column too). Returns a matplotlib Figure (Agg, 100 dpi)."""
+    model = getattr(model, "net", model)  # an ensemble.EnsembleModel draws its network
     episodes = _episode_bounds(buffer)
     if not episodes:
         raise ValueError("open_loop_figure: the buffer has no transitions")
@@ -222,12 +266,48 @@ def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims
     shown = min(d, max_dims)
     names = obs_names(model, d)[:shown] + ["reward"]
     ncols, nrows = len(chosen), shown + 1
-    width, height = max(6.0, 2.9 * ncols + 0.9), 1.1 * nrows + 3.6
+    width = max(6.0, 2.9 * ncols + 0.9)
+    left, right = max(0.85, 0.1 * width), 0.02 * width  # inches: room for the y labels on the left
+    # every text is wrapped to the width it has and gets the height its lines take (nothing is cut off), so the
+    # layout is computed in inches from the top down before anything is drawn
+    more = f", first {shown} of {d} obs dims" if shown < d else ""
+    when = f" before the refit at step {refit}" if refit is not None else ""
+    suptitle = wrap_to_width(f"{model.env_id or 'world model'}{when}: open-loop prediction from the real start state "
+                             f"with the real actions ({model.ensemble_size} members{more})", 10, width - 0.3)
+    titles = []
+    for i in chosen:
+        ep_id, _, length = episodes[i]
+        T = min(horizon, length)
+        terminated = bool(buffer.terminated[episodes[i][1] + length - 1]) and T == length
+        steps = f"first {T} of {length} steps" if T < length else f"{length} steps"
+        titles.append(f"episode {ep_id} ({steps}{', terminated' if terminated else ''})")
+    column = (width - left - right) / ncols - 0.25
+    titles = [wrap_to_width(t, 9, column) for t in titles]
+    k_horizon = int(max(horizon, 1))
+    errors, counts, medians = k_step_errors(model, buffer, k_horizon, max_segments=max_segments, seed=seed,
+                                            with_median=True)
+    ks = np.arange(1, k_horizon + 1)
+    ok = np.isfinite(errors)
+    last = int(ks[ok][-1]) if ok.any() else 0
+    k_title = wrap_to_width(f"open-loop k-step error of the ensemble mean: all segments of the data that stay inside "
+                            f"an episode ({int(counts[0])} at k=1, {int(counts[last - 1]) if last else 0} at "
+                            f"k={last})", 9, width - left - right)
+
+    def lines_height(text, fontsize):
+        return (text.count("\n") + 1) * fontsize * 1.25 / 72
+
+    legend_top = 0.08 + lines_height(suptitle, 10) + 0.06
+    legend_rows = -(-len(OPEN_LOOP_LABELS) // legend_columns(OPEN_LOOP_LABELS, width - 0.3))
+    grid_top = legend_top + 0.2 * legend_rows + 0.04 + max(lines_height(t, 9) for t in titles) + 0.1
+    grid_height = 1.1 * nrows - 0.05
+    k_top = grid_top + grid_height + 0.45 + lines_height(k_title, 9) + 0.1
+    height = np.ceil((k_top + 1.55 + 0.5) * DPI) / DPI  # whole pixels: the PNG has exactly the figure size
     fig = new_figure(width, height)
     # top: the episodes (one column each); bottom: the k-step error, with room for the reward row's tick labels
-    top_grid = fig.add_gridspec(nrows, ncols, hspace=0.12, wspace=0.3, left=0.1, right=0.98,
-                                top=1 - 0.95 / height, bottom=2.75 / height)
-    bottom_grid = fig.add_gridspec(1, 1, left=0.1, right=0.98, top=2.05 / height, bottom=0.5 / height)
+    top_grid = fig.add_gridspec(nrows, ncols, hspace=0.12, wspace=0.3, left=left / width, right=1 - right / width,
+                                top=1 - grid_top / height, bottom=1 - (grid_top + grid_height) / height)
+    bottom_grid = fig.add_gridspec(1, 1, left=left / width, right=1 - right / width, top=1 - k_top / height,
+                                   bottom=0.5 / height)
     for c, i in enumerate(chosen):
         ep_id, first, length = episodes[i]
         T = min(horizon, length)
@@ -266,7 +346,7 @@ def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims
             if c == 0:
                 ax.set_ylabel(names[r], fontsize=8)
             if r == 0:
-                ax.set_title(f"episode {ep_id} ({length} steps{', terminated' if terminated else ''})", fontsize=9)
+                ax.set_title(titles[c], fontsize=9)
     # one legend for all panels: every label once, in the order the panels drew them
     handles, labels = [], []
     for ax in fig.axes:
@@ -274,35 +354,21 @@ def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.legend(handles, labels, loc="center", ncol=len(labels), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.54, 1 - 0.52 / height))
-    more = f", first {shown} of {d} obs dims" if shown < d else ""
-    when = f" before the refit at step {refit}" if refit is not None else ""
-    fig.suptitle(f"{model.env_id or 'world model'}{when}: open-loop prediction from the real start state with the "
-                 f"real actions ({model.ensemble_size} members{more})", fontsize=10, y=1 - 0.06 / height,
-                 va="top")
+    fig.legend(handles, labels, loc="upper center", ncol=legend_columns(labels, width - 0.3), fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, 1 - legend_top / height), borderaxespad=0.0, borderpad=0.0)
+    fig.suptitle(suptitle, fontsize=10, y=1 - 0.08 / height, va="top")
 
     ax = fig.add_subplot(bottom_grid[0, 0])
-    k_horizon = int(max(horizon, 1))
-    errors, counts, medians = k_step_errors(model, buffer, k_horizon, max_segments=max_segments, seed=seed,
-                                            with_median=True)
-    ks = np.arange(1, k_horizon + 1)
-    ok = np.isfinite(errors)
     ax.plot(ks[ok], errors[ok], color="C0", marker=".", markersize=3, linewidth=1.4, label="mean")
     ax.plot(ks[ok], medians[ok], color="C0", linestyle="--", linewidth=1.1, label="median")
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=0.9, label="1: the data's own spread")
     ax.legend(fontsize=7, loc="best", frameon=False)
     if ok.any() and np.nanmin(medians[ok]) > 0:
         ax.set_yscale("log")
-    last = int(ks[ok][-1]) if ok.any() else 0
     ax.set_xlim(0.5, max(last, 1) + 0.5)
     ax.set_xlabel("k (open-loop steps with real actions)", fontsize=8)
     ax.set_ylabel("k-step MSE\n(obs std units²)", fontsize=8)
-    ax.set_title(f"open-loop k-step error of the ensemble mean: all segments of the data that stay inside an "
-                 f"episode ({int(counts[0])} at k=1, {int(counts[last - 1]) if last else 0} at k={last})",
-                 fontsize=9)
-    ax.axhline(1.0, color="grey", linestyle=":", linewidth=0.9)
-    ax.text(0.995, 1.0, "error = the data's own spread ", transform=ax.get_yaxis_transform(),
-            ha="right", va="top", fontsize=7, color="grey")
+    ax.set_title(k_title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=7)
     return fig
@@ -430,6 +496,7 @@ def _caption(frame_width, texts, height):
 
 def dream_vs_real_video(act_fn, model, env_id, seed, path, horizon=200, policy_on="real", caption_height=28):
     """Side-by-side mp4: the world model's dream (left) and the real env (right), same start, same actions.
+    `model`: an `ensemble.EnsembleModel` or its `EnsembleWorldModel` (the dream uses its `predict`).
 
     The real env is reset with `seed`; the dream starts from the same real observation and is stepped with the
     ensemble mean (model.predict, members=None, deterministic). The actions come from the policy acting on the REAL
@@ -442,6 +509,7 @@ def dream_vs_real_video(act_fn, model, env_id, seed, path, horizon=200, policy_o
     top names each half with its step, reward and return. Frames: (caption_height + H) x 2W for env frames H x W;
     steps + 1 frames (the first is the common start state).
     Returns (path, real_rewards (steps,), dream_rewards (steps,))."""
+    model = getattr(model, "net", model)  # an ensemble.EnsembleModel dreams with its network
     if policy_on not in ("real", "dream"):
         raise ValueError(f"dream_vs_real_video: policy_on must be 'real' or 'dream', got {policy_on!r}")
     if horizon < 1:
@@ -509,10 +577,10 @@ def capture_videos(act_fn, env_id, seed, run_dir, num_episodes, model=None):
     dream-vs-real video from the first of those starts. Returns the paths."""
     video_dir = os.path.join(run_dir, "videos")
     paths, _ = record_real_episodes(act_fn, env_id, num_episodes, seed, video_dir, model=model)
-    net = getattr(model, "net", None)  # the dream needs the reference ensemble's network (its predict)
-    if net is not None:
+    if isinstance(getattr(model, "net", model), ensemble.EnsembleWorldModel):  # a dream needs the ensemble's predict
         try:
-            paths.append(dream_vs_real_video(act_fn, net, env_id, seed, os.path.join(video_dir, "dream_vs_real.mp4"))[0])
+            path = os.path.join(video_dir, "dream_vs_real.mp4")
+            paths.append(dream_vs_real_video(act_fn, model, env_id, seed, path)[0])
         except ValueError as e:  # no settable state (MuJoCo and others): the real videos are still there
             print(f"[video] no dream-vs-real video: {e}")
     return paths

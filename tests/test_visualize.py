@@ -15,8 +15,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import ensemble  # noqa: E402
+import real_env  # noqa: E402
 import visualize as vis  # noqa: E402
-import world_model as wm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
@@ -36,8 +37,8 @@ def headless_env():
 
 @pytest.fixture(scope="module")
 def cartpole_model():
-    buf = wm.collect_transitions("CartPole-v1", 600, seed=0)
-    model, _ = wm.fit_world_model(buf, max_epochs=2, seed=0)
+    buf = real_env.collect_transitions("CartPole-v1", 600, seed=0)
+    model, _ = ensemble.fit_world_model(buf, max_epochs=2, seed=0)
     return model, buf
 
 
@@ -51,7 +52,7 @@ def frames_of(path):
 
 def test_open_loop_figure_png(cartpole_model, tmp_path):
     model, _ = cartpole_model
-    held = wm.collect_transitions("CartPole-v1", 300, seed=5, policy=balance, num_envs=2)  # 2 long episodes
+    held = real_env.collect_transitions("CartPole-v1", 300, seed=5, policy=balance, num_envs=2)  # 2 long episodes
     fig = vis.open_loop_figure(model, held, num_episodes=2, horizon=50, seed=0)
     path = vis.save_figure(fig, tmp_path / "sub" / "open_loop.png")
     with open(path, "rb") as f:
@@ -66,6 +67,9 @@ def test_open_loop_figure_png(cartpole_model, tmp_path):
     # the episode panels draw 51 points (start + 50 steps) of the real episode
     real_line = [line for line in fig.axes[0].get_lines() if line.get_label() == "real"][0]
     assert len(real_line.get_xdata()) == 51
+    # ... and the column's title says so: 50 of the episode's steps, not its whole length
+    lengths = np.bincount(held.episode_ids)
+    assert fig.axes[0].get_title() == f"episode 0 (first 50 of {lengths[0]} steps)"
 
     class Writer:  # records what log_figure gives a SummaryWriter
         def add_image(self, tag, image, step, dataformats):
@@ -74,6 +78,48 @@ def test_open_loop_figure_png(cartpole_model, tmp_path):
     writer = Writer()
     vis.log_figure(writer, "world_model/open_loop", fig, 7)
     assert writer.logged == ("world_model/open_loop", (round(height), round(width), 3), np.uint8, 7, "HWC")
+
+
+def inside(box, outer):
+    return box.x0 >= outer.x0 - 0.5 and box.y0 >= outer.y0 - 0.5 and box.x1 <= outer.x1 + 0.5 and \
+        box.y1 <= outer.y1 + 0.5
+
+
+def test_open_loop_figure_one_column_cuts_nothing_off(tmp_path):
+    """SAC's refit figure (one long episode, a long title): every text stays inside the figure and no title runs
+    into a panel (issue 18: the bottom panel's title was cut off)."""
+    buf = real_env.collect_transitions("Pendulum-v1", 450, seed=0)
+    net, _ = ensemble.fit_world_model(buf, max_epochs=1, seed=0, ensemble_size=2, hidden_size=16, num_layers=1)
+    model = ensemble.EnsembleModel("Pendulum-v1")
+    model.net = net
+
+    class Writer:  # what write_open_loop needs of a SummaryWriter
+        log_dir = str(tmp_path)
+
+        def add_image(self, *args, **kwargs):
+            pass
+
+    newest = buf.newest_episodes(250)
+    path = vis.write_open_loop(model, newest, Writer(), 7, "open_loop_before_refit", refit=12345)
+    assert os.path.basename(path) == "open_loop_before_refit.png"
+    fig = vis.open_loop_figure(model, buf.newest_episodes(50), num_episodes=1, refit=12345)
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    page = fig.bbox
+    suptitle = fig._suptitle
+    assert "before the refit at step 12345" in suptitle.get_text().replace("\n", " ")
+    texts = [suptitle, *fig.legends]
+    for ax in fig.axes:
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+    for text in texts:
+        if getattr(text, "get_text", lambda: "x")():
+            assert inside(text.get_window_extent(renderer), page), getattr(text, "get_text", lambda: text)()
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes]
+    for ax in fig.axes:
+        body = ax.get_window_extent(renderer)
+        assert not any(t.overlaps(body) for t in titles), ax.get_title()
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not legend.overlaps(suptitle.get_window_extent(renderer)) and not any(t.overlaps(legend) for t in titles)
 
 
 def test_open_loop_rollout_matches_predict_and_k_step_errors_match_evaluate(cartpole_model):
@@ -90,7 +136,7 @@ def test_open_loop_rollout_matches_predict_and_k_step_errors_match_evaluate(cart
         member2 = model.predict(member2, a[None], members=torch.tensor([2]))[0]
     np.testing.assert_allclose(out["member_obs"][2, -1], member2[0].numpy(), rtol=1e-5, atol=1e-6)
     errors, counts = vis.k_step_errors(model, buf, 10)
-    reference = wm.evaluate_world_model(model, buf, ks=(1, 10))
+    reference = ensemble.evaluate_world_model(model, buf, ks=(1, 10))
     assert counts[0] == reference["k_step_count_1"] and counts[9] == reference["k_step_count_10"]
     np.testing.assert_allclose(errors[[0, 9]], [reference["k_step_error_1"], reference["k_step_error_10"]], rtol=1e-4)
 
@@ -98,7 +144,7 @@ def test_open_loop_rollout_matches_predict_and_k_step_errors_match_evaluate(cart
 def test_record_real_episodes_mp4(tmp_path):
     paths, returns = vis.record_real_episodes(lambda o: np.zeros(len(o), np.int64), "CartPole-v1", 2, seed=3,
                                               video_dir=tmp_path / "videos")
-    expected, lengths = wm.evaluate_in_real_env(lambda o: np.zeros(len(o), np.int64), "CartPole-v1", 2, 3)
+    expected, lengths = real_env.evaluate_in_real_env(lambda o: np.zeros(len(o), np.int64), "CartPole-v1", 2, 3)
     np.testing.assert_array_equal(returns, expected)  # same seeds as evaluate_in_real_env
     assert [os.path.basename(p) for p in paths] == ["CartPole-v1__episode0__seed3.mp4",
                                                     "CartPole-v1__episode1__seed4.mp4"]
@@ -130,6 +176,13 @@ def test_dream_vs_real_video_cartpole(cartpole_model, tmp_path):
     # at the start both halves show the same state
     first = frames[0][28:].astype(int)
     assert np.abs(first[:, :600] - first[:, 600:]).mean() < 2.0
+    # the world-model interface's ensemble dreams the same (its network's predict)
+    wrapped = ensemble.EnsembleModel("CartPole-v1")
+    wrapped.net = model
+    _, again, dreamed = vis.dream_vs_real_video(balance, wrapped, "CartPole-v1", seed=1, path=tmp_path / "d2.mp4",
+                                                horizon=25)
+    np.testing.assert_array_equal(again, real_rewards)
+    np.testing.assert_array_equal(dreamed, dream_rewards)
 
 
 @pytest.mark.parametrize("env_id", ["Pendulum-v1", "Acrobot-v1", "MountainCar-v0", "MountainCarContinuous-v0"])
@@ -146,8 +199,8 @@ def test_state_from_obs_round_trips(env_id):
 
 
 def test_dream_vs_real_video_box_actions(tmp_path):
-    buf = wm.collect_transitions("Pendulum-v1", 300, seed=0)
-    model, _ = wm.fit_world_model(buf, max_epochs=1, seed=0)
+    buf = real_env.collect_transitions("Pendulum-v1", 300, seed=0)
+    model, _ = ensemble.fit_world_model(buf, max_epochs=1, seed=0)
     path, real_rewards, dream_rewards = vis.dream_vs_real_video(
         lambda o: np.full((len(o), 1), 3.0), model, "Pendulum-v1", seed=0, path=tmp_path / "p.mp4", horizon=6,
         policy_on="dream")
@@ -165,11 +218,12 @@ def test_dream_vs_real_video_unsupported_env(cartpole_model, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def write_summary(runs_dir, name, algo, env_id, seed, world_model, xs, ys):
+def write_summary(runs_dir, name, algo, env_id, seed, world_model, xs, ys, **extra):
     os.makedirs(runs_dir / name)
     history = [{"global_step": i, "real_env_steps": x, "real_return_mean": y} for i, (x, y) in enumerate(zip(xs, ys))]
     summary = {"algo": algo, "env_id": env_id, "seed": seed, "world_model": world_model, "eval_history": history,
-               "real_return_mean": ys[-1], "real_env_steps": xs[-1], "target_return": 475.0}
+               "real_return_mean": ys[-1] if ys else None, "real_env_steps": xs[-1] if xs else 0,
+               "target_return": 475.0, **extra}
     (runs_dir / name / "summary.json").write_text(json.dumps(summary))
 
 
@@ -225,6 +279,39 @@ def test_plot_runs_cli_headless(tmp_path):
     assert "skipping" in result.stderr and "broken" in result.stderr
     with Image.open(out_path) as image:
         assert image.format == "PNG" and image.size[0] > 600
+
+
+def test_plot_runs_draws_interrupted_runs_up_to_where_they_stopped(tmp_path, capsys):
+    import plot_runs
+
+    runs = tmp_path / "runs"
+    write_summary(runs, "a", "ppo_imagined", "CartPole-v1", 1, "ensemble", [1000, 2000, 3000], [10.0, 20.0, 30.0],
+                  status="finished")
+    # stopped by Ctrl-C after two evaluations: its summary repeats the last one at the real steps it had by then
+    write_summary(runs, "b", "ppo_imagined", "CartPole-v1", 2, "ensemble", [1000, 2000], [12.0, 22.0],
+                  status="interrupted", from_last_eval=True, real_env_steps=2500)
+    write_summary(runs, "c", "ppo_imagined", "CartPole-v1", 3, "ensemble", [], [], status="failed", error="boom")
+    write_summary(runs, "d", "train_world_model", "CartPole-v1", 1, "ensemble", [], [], status="finished")
+    summaries = plot_runs.load_summaries(str(runs))
+    notes = capsys.readouterr().out
+    assert [s["seed"] for s in summaries] == [1, 2]
+    assert "b/summary.json stopped early (status interrupted)" in notes
+    assert "c/summary.json has no evaluation" in notes and "d/summary.json has no evaluation" in notes
+    # the interrupted seed counts up to its last evaluation, not beyond (and not at 2500, where it was stopped)
+    grid, mean, low, high, n = plot_runs.group_curve(summaries)
+    np.testing.assert_array_equal(grid, [1000, 2000, 3000])
+    np.testing.assert_array_equal(mean, [11, 21, 30])
+    np.testing.assert_array_equal(high, [12, 22, 30])
+    assert n == 2
+    fig = plot_runs.curves_figure(summaries)
+    labels = fig.axes[0].get_legend().get_texts()
+    assert [t.get_text() for t in labels][:2] == ["ppo_imagined (imagined), 2 seeds (1 stopped early)",
+                                                 "stopped early (interrupted or failed): last evaluation"]
+    stopped = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("stopped early")]
+    assert len(stopped) == 1 and list(stopped[0].get_xydata()[0]) == [2000, 22]
+    # the final-evaluation marker is the finished seed's alone
+    finals = [c for c in fig.axes[0].containers if hasattr(c, "lines")]
+    assert len(finals) == 1 and list(finals[0].lines[0].get_xydata()[0]) == [3000, 30]
 
 
 def test_plot_runs_empty_dir_error(tmp_path):
