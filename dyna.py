@@ -18,9 +18,10 @@ import world_model
 def model_from_args(args, device):
     """The world model named by --world-model, loaded from --world-model-path when given; None for `none`.
     Runs before the run dir exists: a bad spec or checkpoint is one line and leaves nothing behind."""
+    path = getattr(args, "world_model_path", None)
     if args.world_model == world_model.NO_MODEL:
-        if args.world_model_path is not None:
-            raise ru.ArgError("--world-model-path", "no checkpoint with --world-model none", args.world_model_path,
+        if path is not None:
+            raise ru.ArgError("--world-model-path", "no checkpoint with --world-model none", path,
                               "Drop one of the two flags.")
         return None
     try:
@@ -31,12 +32,12 @@ def model_from_args(args, device):
     except ValueError as e:  # the model cannot be built for this env (its spaces, say)
         raise ru.ArgError("--env-id", f"an env that --world-model {args.world_model} supports", args.env_id,
                           " ".join(str(e).split())) from None
-    if args.world_model_path is not None:
+    if path is not None:
         try:
-            model = model.load(args.world_model_path)
+            model = model.load(path)
         except (OSError, ValueError) as e:
-            raise ru.ArgError("--world-model-path", f"a world-model checkpoint for {args.env_id}",
-                              args.world_model_path, " ".join(str(e).split())) from None
+            raise ru.ArgError("--world-model-path", f"a world-model checkpoint for {args.env_id}", path,
+                              " ".join(str(e).split())) from None
     return model
 
 

@@ -158,7 +158,7 @@ class Run:
             "world_model": getattr(args, "world_model", "none"),
             "real_return_mean": last.get("real_return_mean"), "real_return_std": last.get("real_return_std"),
             "real_returns": last.get("returns"), "from_last_eval": final is None and bool(history),
-            "eval_episodes": args.eval_episodes, **self.figures,
+            "eval_episodes": getattr(args, "eval_episodes", None), **self.figures,
             "eval_env_steps": ev.env_steps if ev is not None else 0,
             "imagined_return_mean": last.get("imagined_return_mean"),
             "imagined_minus_real": last.get("imagined_minus_real"),
