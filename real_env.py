@@ -8,31 +8,39 @@ here alike, while the data the model learns from keeps the raw real observations
 import gymnasium as gym
 import numpy as np
 
+import envs  # noqa: F401  (registers the POMDP and pixel ids: CartPoleNoVel-v1, PendulumNoVel-v1, PendulumPixels-v1)
 from world_model_env import _to_numpy as to_numpy  # noqa: F401  (numpy from arrays and tensors alike)
+
+
+def _obs_array(x):
+    """Observations as the buffer keeps them: float32, except uint8 pixels, which stay uint8."""
+    x = np.asarray(x)
+    return x if x.dtype == np.uint8 else x.astype(np.float32)
 
 
 class TransitionBuffer:
     """Real transitions, stored episode-contiguously (sorted by episode id, time order inside an episode).
 
-    Fields (numpy): obs (N, *obs_shape) float32, actions (N,) int64 for Discrete / (N, act_dim) float32 for Box,
-    rewards (N,) float32, next_obs (N, *obs_shape) float32 -- the TRUE next observation, also on termination and
-    truncation (never a reset observation) --, terminated (N,) bool, truncated (N,) bool (time limit only),
-    episode_ids (N,) int64, and start_obs (M, *obs_shape) float32: the reset observations of the episodes.
-    A model that learns from whole episodes cuts them by `episode_ids`; one that learns from transitions ignores it.
+    Fields (numpy): obs (N, *obs_shape) float32 (uint8 pixels stay uint8: a quarter of the memory), actions (N,)
+    int64 for Discrete / (N, act_dim) float32 for Box, rewards (N,) float32, next_obs like obs -- the TRUE next
+    observation, also on termination and truncation (never a reset observation) --, terminated (N,) bool,
+    truncated (N,) bool (time limit only), episode_ids (N,) int64, and start_obs (M, *obs_shape) like obs: the reset
+    observations of the episodes. A model that learns from whole episodes cuts them by `episode_ids`; one that
+    learns from transitions ignores it.
     """
 
     FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "truncated", "episode_ids")
 
     def __init__(self, obs, actions, rewards, next_obs, terminated, truncated, episode_ids, start_obs, env_id=None):
-        self.obs = np.asarray(obs, dtype=np.float32)
+        self.obs = _obs_array(obs)
         actions = np.asarray(actions)
         self.actions = actions.astype(np.int64) if actions.dtype.kind in "iub" else actions.astype(np.float32)
         self.rewards = np.asarray(rewards, dtype=np.float32).reshape(-1)
-        self.next_obs = np.asarray(next_obs, dtype=np.float32)
+        self.next_obs = _obs_array(next_obs)
         self.terminated = np.asarray(terminated, dtype=bool).reshape(-1)
         self.truncated = np.asarray(truncated, dtype=bool).reshape(-1)
         self.episode_ids = np.asarray(episode_ids, dtype=np.int64).reshape(-1)
-        self.start_obs = np.asarray(start_obs, dtype=np.float32).reshape(-1, *self.obs.shape[1:])
+        self.start_obs = np.asarray(start_obs, dtype=self.obs.dtype).reshape(-1, *self.obs.shape[1:])
         self.env_id = env_id
         n = len(self.obs)
         for name in self.FIELDS:
@@ -58,7 +66,7 @@ class TransitionBuffer:
             episode_ids = (np.concatenate([[0], np.cumsum(done[:-1])]).astype(np.int64) if len(done)
                            else np.zeros(0, np.int64))
         episode_ids = np.asarray(episode_ids, dtype=np.int64)
-        obs = np.asarray(obs, dtype=np.float32)
+        obs = _obs_array(obs)
         if start_obs is None:
             _, first = np.unique(episode_ids, return_index=True)
             start_obs = obs[first]

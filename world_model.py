@@ -29,7 +29,7 @@ import sys
 import gymnasium as gym
 
 # The models of this collection, as entry points (resolved on use, so this module imports none of them).
-BUILTIN = {"ensemble": "ensemble:EnsembleModel"}
+BUILTIN = {"ensemble": "ensemble:EnsembleModel", "rssm": "rssm:RSSMModel"}
 NO_MODEL = "none"
 
 REQUIRED = ("observation_space", "action_space", "imagined_env", "real_env")

@@ -1,0 +1,740 @@
+"""The recurrent latent reference world model (`--world-model rssm`): a Dreamer-style RSSM behind the world-model
+interface (`world_model.py`), for envs whose observation does not hold the state (CartPoleNoVel-v1,
+PendulumNoVel-v1) and for pixels (PendulumPixels-v1).
+
+The model (`RSSMNet`)
+- state: a deterministic GRU state h (`deter`) and a stochastic latent z (`stoch`): `groups` categorical variables
+  of `classes` classes each, one-hot, as in DreamerV3. Why categorical and not PlaNet's Gaussian: a categorical
+  latent cannot collapse its variance (no std floor to tune), the 1% uniform mix keeps every KL finite, a sample is
+  one uniform number per group (cheap to draw from the per-row random state of the batched env, below), and a
+  one-hot sample is exactly the same kind of input to the policy in imagination and in reality.
+- h' = GRU(h, [z, a]); posterior q(z' | h', embed(o')); prior p(z' | h'), an ENSEMBLE of `members` prior heads
+  trained each on its own towards the posterior. Imagination samples the members' mean distribution; their
+  disagreement (the Jensen-Shannon divergence of the members' distributions, summed over groups: what they know
+  minus what they agree on, as BALD measures epistemic uncertainty) says where the model is wrong, so the shared
+  halt rule works: a step whose disagreement exceeds `halt` x its 99th percentile on the real data ends the
+  imagined episode with the lowest possible return (the same rule and floor as the ensemble's, see
+  `ensemble_imagination.Imagination`).
+- encoder / decoder: MLPs on normalised vector observations, a small CNN (stride-2 convolutions down to 4 x 4 and
+  transposed ones back) on uint8 frames. Reward head and continue head on the features [h, z]; the continue head
+  learns termination only (time-limit truncation is not an ending: a truncated episode's last step continues).
+- losses (DreamerV3): reconstruction, reward, termination, and KL balancing with free bits:
+  0.5 * max(1, KL(sg(post) || prior_k)) for each member k plus 0.1 * max(1, KL(post || sg(prior))).
+- trained on sequences of real episodes (the TransitionBuffer is cut by episode_ids into a stream of steps
+  (previous action, observation, reward, termination, is_first), DreamerV3's replay format); every episode starts
+  from the zero state, a sequence cut out of the middle of an episode too.
+
+The policy observes the features [h, z] (`observation_space`): in imagination the prior's, in the real env the
+posterior's (`real_env(env)`: the belief updated from each real observation and the previous action, zeroed at
+reset: DreamerV3's acting carry). Imagined episodes start from posterior states of the real data ("buffer": any
+step of any real episode, filtered from its start; "start": the episodes' first observations). Because the features
+ARE the state, `reset(options={"states": features})` starts rows at given features (SAC's branched rollouts from
+the beliefs in its replay).
+"""
+import math
+import os
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import world_model
+from ensemble import EnsembleLinear, _describe_space_difference, _space_to_dict
+from ensemble_imagination import _draw_bits32, _draw_index, _seed_to_rng_state
+from real_env import TransitionBuffer, make_real_env, to_numpy
+from run_io import json_safe, save_torch_atomic
+from world_model_env import WorldModelEnv, WorldModelVectorEnv
+
+CHECKPOINT_FORMAT = "world-model-env/rssm"
+CHECKPOINT_VERSION = 1
+
+# The network's size and training, for vector observations and for pixels. Measured choices (CartPoleNoVel-v1,
+# one CPU thread): see the README's RSSM section; every one can be changed by passing it to RSSMModel(...).
+VECTOR_CONFIG = dict(deter=128, groups=16, classes=16, hidden=128, members=5, prior_hidden=64, batch=32, seq_len=32, lr=6e-4,
+                     first_updates=600, updates_per_new_step=0.1, min_refit_updates=100, obs_loss_scale=1.0)
+PIXEL_CONFIG = dict(deter=128, groups=16, classes=16, hidden=128, members=5, prior_hidden=64, batch=8, seq_len=32, lr=6e-4,
+                    first_updates=600, updates_per_new_step=0.1, min_refit_updates=100, obs_loss_scale=1.0,
+                    cnn_depth=16)
+UNIMIX = 0.01  # DreamerV3: 1% uniform mixed into every categorical (finite KLs, no dead classes)
+FREE_NATS = 1.0
+KL_DYN, KL_REP = 0.5, 0.1
+NUM_BUFFER_STATES = 10_000
+
+
+def _is_pixels(space):
+    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8
+
+
+def check_spaces_supported(observation_space, action_space, where):
+    ok_obs = isinstance(observation_space, gym.spaces.Box) and (
+        len(observation_space.shape) == 1 or (_is_pixels(observation_space) and observation_space.shape[2] in (1, 3)
+                                              and observation_space.shape[0] == observation_space.shape[1]
+                                              and observation_space.shape[0] % 16 == 0))
+    if not ok_obs:
+        raise ValueError(f"{where}: the RSSM takes a 1-D Box observation or square uint8 frames (H, H, 1 or 3) with H "
+                         f"a multiple of 16 (e.g. PendulumPixels-v1), got {observation_space!r}")
+    if not (isinstance(action_space, gym.spaces.Discrete)
+            or (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1)):
+        raise ValueError(f"{where}: action_space must be Discrete or a 1-D Box, got {action_space!r}")
+
+
+def _sample_onehot(probs, u):
+    """One class per group by inverse CDF: probs (..., G, C), u (..., G) uniforms in (0, 1] -> one-hot (..., G, C)."""
+    idx = torch.searchsorted(probs.cumsum(-1), u.unsqueeze(-1).contiguous()).clamp_(max=probs.shape[-1] - 1)
+    return torch.zeros_like(probs).scatter_(-1, idx, 1.0)
+
+
+def _unimix(logits):
+    probs = logits.softmax(-1)
+    return (1.0 - UNIMIX) * probs + UNIMIX / probs.shape[-1]
+
+
+def _kl(p, q):
+    """KL(p || q) of categoricals (..., G, C), summed over the groups."""
+    return (p * (p.log() - q.log())).sum((-1, -2))
+
+
+def _entropy(p):
+    return -(p * p.log()).sum((-1, -2))
+
+
+def _rng_uniforms(s):
+    """One uniform in (0, 1] per entry of the LCG states s (any shape); returns (new_s, u) (float32)."""
+    s, bits = _draw_bits32(s)
+    return s, ((bits.float() + 1.0) / float(2**32)).clamp(max=1.0)
+
+
+class Dense(nn.Linear):
+    """nn.Linear whose weight is kept as (in, out): on the CPU a small matmul with a contiguous right operand is
+    2-4x faster than F.linear's transposed one (measured at 16 x 130 x 128), and the RSSM's loop is made of them."""
+
+    def __init__(self, inp, out):
+        super().__init__(inp, out)
+        self.weight = nn.Parameter(self.weight.detach().t().contiguous())
+
+    def forward(self, x):
+        if x.dim() == 2:
+            return torch.addmm(self.bias, x, self.weight)
+        return torch.addmm(self.bias, x.flatten(0, -2), self.weight).view(*x.shape[:-1], -1)
+
+
+class GRU(nn.Module):
+    """DreamerV3's GRU cell: one matmul on [x, h] for the reset, candidate and update parts, the update gate biased
+    towards keeping h (sigmoid(u - 1)). One matmul instead of nn.GRUCell's two: ~25% faster at batch 16 on the
+    CPU. The state stays in (-1, 1) (a convex combination of tanh values)."""
+
+    def __init__(self, inp, size):
+        super().__init__()
+        self.linear = Dense(inp + size, 3 * size)
+
+    def forward(self, x, h):
+        reset, cand, update = self.linear(torch.cat([x, h], -1)).chunk(3, -1)
+        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        return torch.lerp(h, cand, torch.sigmoid(update - 1.0))
+
+
+def _mlp(inp, hidden, out, layers=2):
+    mods, d = [], inp
+    for _ in range(layers):
+        mods += [Dense(d, hidden), nn.LayerNorm(hidden), nn.SiLU()]
+        d = hidden
+    mods.append(Dense(d, out))
+    return nn.Sequential(*mods)
+
+
+class RSSMNet(nn.Module):
+    """The RSSM's networks and its normalisation buffers; `RSSMModel` holds one. See the module docstring."""
+
+    def __init__(self, obs_shape, action_space, *, deter=128, groups=16, classes=16, hidden=128, members=5,
+                 prior_hidden=64, cnn_depth=16, **_training):
+        super().__init__()
+        self.obs_shape = tuple(int(s) for s in obs_shape)
+        self.pixels = len(self.obs_shape) == 3
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.act_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
+        self.act_start = int(action_space.start) if self.discrete else 0
+        self.deter, self.groups, self.classes, self.members = deter, groups, classes, members
+        self.stoch = groups * classes
+        self.feat_dim = deter + self.stoch
+        if self.pixels:
+            size, channels = self.obs_shape[0], self.obs_shape[2]
+            convs, c, d = [], channels, cnn_depth
+            while size > 4:  # stride-2 convolutions down to 4 x 4 (64 -> 32 -> 16 -> 8 -> 4)
+                convs += [nn.Conv2d(c, d, 4, 2, 1), nn.SiLU()]
+                c, d, size = d, 2 * d, size // 2
+            self.encoder = nn.Sequential(*convs, nn.Flatten())
+            embed = c * 16
+            deconvs = []
+            while c > cnn_depth:
+                deconvs += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.SiLU()]
+                c //= 2
+            deconvs.append(nn.ConvTranspose2d(c, channels, 4, 2, 1))
+            self.decoder = nn.Sequential(Dense(self.feat_dim, embed), nn.Unflatten(1, (embed // 16, 4, 4)),
+                                         *deconvs)
+        else:
+            embed = hidden
+            self.encoder = _mlp(self.obs_shape[0], hidden, hidden, layers=1)
+            self.decoder = _mlp(self.feat_dim, hidden, self.obs_shape[0])
+        # the GRU's input layer on [z, a] and the posterior's first layer on [h, embed] are split in two sums, so
+        # that the action's and the observation's parts are computed for a whole sequence at once outside the loop
+        self.img_z, self.img_a = Dense(self.stoch, hidden), Dense(self.act_dim, hidden)
+        self.img_norm = nn.LayerNorm(hidden)
+        self.gru = GRU(hidden, deter)
+        self.post_h, self.post_e = Dense(deter, hidden), Dense(embed, hidden)
+        self.post_norm = nn.LayerNorm(hidden)
+        self.post_out = Dense(hidden, self.stoch)
+        self.prior_hidden = EnsembleLinear(members, deter, prior_hidden)
+        self.prior_out = EnsembleLinear(members, prior_hidden, self.stoch)
+        self.reward_head = _mlp(self.feat_dim, hidden, 1, layers=1)
+        self.term_head = _mlp(self.feat_dim, hidden, 1, layers=1)
+        for head in (self.reward_head, self.term_head):  # DreamerV3: heads start from 0 (no early huge errors)
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+        obs_dim = 1 if self.pixels else self.obs_shape[0]
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_std", torch.ones(()))
+        self.register_buffer("reward_constant", torch.zeros((), dtype=torch.bool))  # CartPole's 1: reproduced exactly
+        self.register_buffer("reward_clip", torch.tensor([-1e6, 1e6]))
+        self.register_buffer("reward_min", torch.zeros(()))
+        self.register_buffer("terminal_reward_min", torch.zeros(()))
+        self.register_buffer("disagreement_ref", torch.ones(()))
+        if self.discrete:
+            self.register_buffer("act_low", torch.zeros(0))
+            self.register_buffer("act_high", torch.zeros(0))
+        else:
+            self.register_buffer("act_low", torch.as_tensor(np.nan_to_num(action_space.low, neginf=-1e6)).float())
+            self.register_buffer("act_high", torch.as_tensor(np.nan_to_num(action_space.high, posinf=1e6)).float())
+        # posterior states of the real data (recomputed after each fit): where imagined episodes start
+        for name, shape in (("start_deter", (0, deter)), ("start_logits", (0, groups, classes)),
+                            ("buffer_deter", (0, deter)), ("buffer_logits", (0, groups, classes))):
+            self.register_buffer(name, torch.zeros(shape), persistent=False)
+
+    @property
+    def device(self):
+        return self.obs_mean.device
+
+    # ---- pieces ---------------------------------------------------------------------------------------------
+    def encode_action(self, action):
+        a = action if isinstance(action, torch.Tensor) else torch.as_tensor(to_numpy(action))
+        a = a.to(self.device)
+        if self.discrete:
+            return F.one_hot(a.reshape(-1).long() - self.act_start, self.act_dim).float()
+        a = a.float().reshape(-1, self.act_dim)
+        return torch.maximum(torch.minimum(a, self.act_high), self.act_low)  # the real env clips too
+
+    def normalise_obs(self, obs):
+        if self.pixels:  # (B, H, W, C) uint8 -> (B, C, H, W) in [-0.5, 0.5]
+            return obs.permute(0, 3, 1, 2).float() / 255.0 - 0.5
+        return (obs.float() - self.obs_mean) / self.obs_std
+
+    def encode(self, obs):
+        """Observations -> the observation's part of the posterior's first layer (what the loop adds to h's)."""
+        return self.post_e(self.encoder(self.normalise_obs(obs)))
+
+    def img_step(self, deter, stoch, act_h):
+        """h' = GRU(h, [z, a]); act_h = img_a(action features)."""
+        return self.gru(F.silu(self.img_norm(self.img_z(stoch) + act_h)), deter)
+
+    def posterior_logits(self, deter, embed):
+        return self.post_out(F.silu(self.post_norm(self.post_h(deter) + embed))).view(-1, self.groups, self.classes)
+
+    def prior_probs(self, deter):
+        """(B, D) -> the members' distributions (K, B, G, C) (with the uniform mix)."""
+        logits = self.prior_out(F.silu(self.prior_hidden(deter)))
+        return _unimix(logits.view(self.members, -1, self.groups, self.classes))
+
+    def reward(self, feat):
+        out = self.reward_head(feat).squeeze(-1)
+        r = torch.where(self.reward_constant, self.reward_mean.expand_as(out), self.reward_mean + self.reward_std * out)
+        return r.clamp(self.reward_clip[0], self.reward_clip[1])
+
+    def term_logit(self, feat):
+        return self.term_head(feat).squeeze(-1)
+
+    def initial(self, n):
+        z = torch.zeros(n, self.deter, device=self.device)
+        return z, torch.zeros(n, self.stoch, device=self.device), torch.zeros(n, self.act_dim, device=self.device)
+
+    # ---- one imagined step for a batch ----------------------------------------------------------------------
+    def imagine_step(self, deter, stoch, act, u):
+        """(B, D), (B, S), action features (B, A), uniforms (B, G) -> deter', stoch', reward, term logit,
+        disagreement: the prior members' mean distribution is sampled; their Jensen-Shannon divergence is the
+        disagreement."""
+        h = self.img_step(deter, stoch, self.img_a(act))
+        probs = self.prior_probs(h)
+        mean = probs.mean(0)
+        z = _sample_onehot(mean, u).flatten(1)
+        feat = torch.cat([h, z], -1)
+        disagreement = _entropy(mean) - _entropy(probs).mean(0)
+        return h, z, self.reward(feat), self.term_logit(feat), disagreement
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def loss(self, batch, u, pos_weight, obs_loss_scale=1.0):
+        """DreamerV3's world-model loss on a batch of sequences (B, L): reconstruction, reward, termination,
+        KL balancing with free bits. `u` (L, B, G): the uniforms of the straight-through posterior samples."""
+        first, obs, act = batch["first"], batch["obs"], batch["prev_act"]
+        B, L = first.shape
+        embed = self.encode(obs.flatten(0, 1)).view(B, L, -1)
+        keep = (~first).float()
+        act_h = self.img_a(act * keep[..., None])  # a first step has no previous action
+        h, z = torch.zeros(B, self.deter, device=self.device), torch.zeros(B, self.stoch, device=self.device)
+        hs, zs, posts = [], [], []
+        for t in range(L):  # a first step starts from the zero state
+            k = keep[:, t, None]
+            h = self.img_step(h * k, z * k, act_h[:, t])
+            post = _unimix(self.posterior_logits(h, embed[:, t]))
+            sample = _sample_onehot(post.detach(), u[t])
+            z = (sample + post - post.detach()).flatten(1)  # straight-through gradients
+            hs.append(h)
+            zs.append(z)
+            posts.append(post)
+        H, Z, post = torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(posts, 1)  # (B, L, ...)
+        feat = torch.cat([H, Z], -1).flatten(0, 1)
+        recon = self.decoder(feat)
+        target = self.normalise_obs(obs.flatten(0, 1))
+        obs_loss = ((recon - target) ** 2).flatten(1).sum(1).mean() * obs_loss_scale
+        mask = keep.flatten()  # reward and termination belong to the transition INTO a step: none at a first step
+        n = mask.sum().clamp_min(1.0)
+        if bool(self.reward_constant):
+            reward_loss = torch.zeros((), device=self.device)
+        else:
+            r_target = (batch["reward"].flatten() - self.reward_mean) / self.reward_std
+            reward_loss = (((self.reward_head(feat).squeeze(-1) - r_target) ** 2) * mask).sum() / n
+        term_loss = (F.binary_cross_entropy_with_logits(self.term_logit(feat), batch["term"].flatten().float(),
+                                                        pos_weight=pos_weight, reduction="none") * mask).sum() / n
+        prior = self.prior_probs(H.flatten(0, 1))  # (K, B*L, G, C)
+        post = post.flatten(0, 1)
+        dyn = _kl(post.detach().unsqueeze(0), prior).clamp_min(FREE_NATS).mean()
+        rep = _kl(post, prior.mean(0).detach()).clamp_min(FREE_NATS).mean()
+        loss = obs_loss + reward_loss + term_loss + KL_DYN * dyn + KL_REP * rep
+        return loss, {"obs_loss": obs_loss.detach(), "reward_loss": reward_loss.detach(),
+                      "term_loss": term_loss.detach(), "kl_dyn": dyn.detach(), "kl_rep": rep.detach()}
+
+    @torch.no_grad()
+    def filter_episodes(self, stream, generator, chunk=4096):
+        """The posterior states along every real episode, from its start: (deter (M, D), post logits (M, G, C))
+        for the M steps of the stream, processed all episodes at once (padded to the longest)."""
+        M = len(stream["first"])
+        embed = torch.cat([self.encode(stream["obs"][i:i + chunk]) for i in range(0, M, chunk)])
+        starts = torch.nonzero(stream["first"]).flatten()
+        lengths = torch.diff(torch.cat([starts, torch.tensor([M], device=starts.device)]))
+        E, T = len(starts), int(lengths.max())
+        t = torch.arange(T, device=starts.device)
+        valid = t[None, :] < lengths[:, None]  # (E, T)
+        index = (starts[:, None] + t[None, :]).clamp(max=M - 1)  # padded steps repeat the last step (masked)
+        deter_out = torch.zeros(M, self.deter, device=self.device)
+        logits_out = torch.zeros(M, self.groups, self.classes, device=self.device)
+        h, z, a0 = self.initial(E)
+        for step in range(T):
+            rows = index[:, step]
+            h = self.img_step(h, z, self.img_a(stream["prev_act"][rows] if step else a0))
+            logits = self.posterior_logits(h, embed[rows])
+            u = torch.rand(E, self.groups, generator=generator, device=self.device).clamp_min(1e-7)
+            z = _sample_onehot(_unimix(logits), u).flatten(1)
+            ok = valid[:, step]
+            deter_out[rows[ok]] = h[ok]
+            logits_out[rows[ok]] = logits[ok]
+        return deter_out, logits_out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real data as DreamerV3's replay stream
+# ----------------------------------------------------------------------------------------------------------------
+def episode_stream(data: TransitionBuffer, net: RSSMNet):
+    """The TransitionBuffer as one stream of M = N + E steps (E episodes): each episode is its first observation
+    (is_first, no previous action, reward 0) followed by one step per transition (previous action, next
+    observation, reward, terminated). Tensors on net.device; obs keep their dtype (uint8 pixels)."""
+    ids = data.episode_ids
+    n = len(data)
+    new_episode = np.ones(n, dtype=bool)
+    new_episode[1:] = ids[1:] != ids[:-1]
+    episode_index = np.cumsum(new_episode) - 1
+    firsts = np.nonzero(new_episode)[0]
+    pos_first = firsts + np.arange(len(firsts))
+    pos_next = np.arange(n) + episode_index + 1
+    M = n + len(firsts)
+    obs = np.empty((M, *data.obs.shape[1:]), dtype=data.obs.dtype)
+    obs[pos_first], obs[pos_next] = data.obs[firsts], data.next_obs
+    dev = net.device
+    prev_act = torch.zeros(M, net.act_dim, device=dev)
+    prev_act[torch.as_tensor(pos_next, device=dev)] = net.encode_action(data.actions)
+    out = {"obs": torch.as_tensor(obs, device=dev), "prev_act": prev_act}
+    for name, values, dtype in (("reward", data.rewards, np.float32), ("term", data.terminated, bool),
+                                ("first", None, bool)):
+        arr = np.zeros(M, dtype=dtype)
+        if values is None:
+            arr[pos_first] = True
+        else:
+            arr[pos_next] = values
+        out[name] = torch.as_tensor(arr, device=dev)
+    return out
+
+
+def sample_sequences(stream, batch, seq_len, generator):
+    """`batch` windows of `seq_len` consecutive stream steps, uniform over the stream; a window that begins in the
+    middle of an episode begins from the zero state (its first step is marked first)."""
+    M = len(stream["first"])
+    seq_len = min(seq_len, M)
+    starts = torch.randint(0, M - seq_len + 1, (batch,), generator=generator)
+    index = (starts[:, None] + torch.arange(seq_len)[None, :]).to(stream["first"].device)
+    out = {k: v[index] for k, v in stream.items()}
+    out["first"] = out["first"].clone()
+    out["first"][:, 0] = True
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Imagination adapters (world_model_env.py); the env's "model" is the RSSMModel, so refits and loads apply at once
+# ----------------------------------------------------------------------------------------------------------------
+class RSSMImagination:
+    """Adapters for `WorldModelVectorEnv` / `WorldModelEnv`. The state is a dict of tensors: deter (B, D), stoch
+    (B, G*C) and rng (B, G), a per-row counter RNG (ensemble_imagination's LCG, one stream per latent group) seeded
+    by the row's reset seed, so a row's trajectory depends only on its seed and its actions. start / halt / gamma:
+    as for the ensemble (`ensemble_imagination.Imagination`)."""
+
+    def __init__(self, start="start", halt=0.0, gamma=0.99):
+        if start not in ("start", "buffer"):
+            raise ValueError(f"imagined start must be 'start' or 'buffer', got {start!r}")
+        if not (isinstance(halt, (int, float)) and halt >= 0):
+            raise ValueError(f"halt must be a number >= 0 (0 turns the halt rule off), got {halt!r}")
+        self.start, self.halt, self.gamma = start, float(halt), float(gamma)
+
+    def batched_reset_fn(self, model, seed=None, options=None):
+        net = model.fitted_net()
+        if seed is None:
+            seed = np.random.randint(0, 2**31 - 1, size=(1,))
+        seeds = np.asarray(seed, dtype=np.int64).reshape(-1, 1)
+        s = torch.as_tensor(_seed_to_rng_state(seeds * net.groups + np.arange(net.groups)).reshape(-1, net.groups),
+                            device=net.device)
+        if options and options.get("states") is not None:  # features [h, z] given: they are the state
+            feat = torch.as_tensor(to_numpy(options["states"]), dtype=torch.float32, device=net.device)
+            feat = feat.reshape(-1, net.feat_dim)
+            if len(feat) != len(s):
+                raise ValueError(f"reset options['states'] has {len(feat)} rows for {len(s)} envs; pass one per env")
+            deter, stoch = feat[:, :net.deter].clone(), feat[:, net.deter:].clone()
+        else:
+            pool_deter, pool_logits = ((net.start_deter, net.start_logits) if self.start == "start"
+                                       else (net.buffer_deter, net.buffer_logits))
+            if len(pool_deter) == 0:
+                raise ValueError(f"the RSSM has no stored {self.start!r} states: fit() or load() it first")
+            first, idx = _draw_index(s[:, 0], len(pool_deter))
+            s = torch.cat([first[:, None], s[:, 1:]], 1)
+            s, u = _rng_uniforms(s)
+            deter = pool_deter[idx]
+            stoch = _sample_onehot(_unimix(pool_logits[idx]), u).flatten(1)
+        return {"state": {"deter": deter, "stoch": stoch, "rng": s}, "observation": torch.cat([deter, stoch], 1)}
+
+    def batched_transition_fn(self, model, state, action):
+        net = model.fitted_net()
+        s, u = _rng_uniforms(state["rng"])
+        deter, stoch, reward, logit, disagreement = net.imagine_step(state["deter"], state["stoch"],
+                                                                      net.encode_action(action), u)
+        terminated = logit > 0.0
+        info = {"disagreement": disagreement}
+        if self.halt > 0:
+            halted = disagreement > self.halt * net.disagreement_ref
+            floor = net.reward_min.clamp(max=0.0) / (1.0 - self.gamma) + net.terminal_reward_min.clamp(max=0.0)
+            reward = torch.where(halted, floor, reward)
+            terminated = terminated | halted
+            info["halted"] = halted
+        return {"state": {"deter": deter, "stoch": stoch, "rng": s}, "observation": torch.cat([deter, stoch], 1),
+                "reward": reward, "terminated": terminated, "info": info}
+
+    def reset_fn(self, model, seed=None, options=None):
+        out = self.batched_reset_fn(model, seed=np.array([0 if seed is None else seed]), options=options)
+        return {"state": out["state"], "observation": out["observation"][0].cpu().numpy()}
+
+    def transition_fn(self, model, state, action):
+        action = np.asarray(to_numpy(action))[None]
+        out = self.batched_transition_fn(model, state, action)
+        return {"state": out["state"], "observation": out["observation"][0].cpu().numpy(),
+                "reward": float(out["reward"][0]), "terminated": bool(out["terminated"][0]),
+                "info": {k: v[0].item() for k, v in out["info"].items()}}
+
+
+class BeliefEnv(gym.Wrapper):
+    """The real env seen through the RSSM: its observation is the belief's features [h, z], updated from each
+    real observation and the previous action (the posterior, sampled), and started over at every reset from the
+    zero state and no action (DreamerV3's acting carry). Rewards, flags and actions are the real env's."""
+
+    def __init__(self, env, model):
+        super().__init__(env)
+        self.model = model
+        self.observation_space = model.observation_space
+        self._rng = np.random.default_rng()
+        self._deter = self._stoch = None
+
+    def _observe(self, obs, act):
+        net = self.model.fitted_net()
+        with torch.no_grad():
+            embed = net.encode(torch.as_tensor(np.asarray(obs)[None], device=net.device))
+            self._deter = net.img_step(self._deter, self._stoch, net.img_a(act))
+            probs = _unimix(net.posterior_logits(self._deter, embed))
+            u = torch.as_tensor(1.0 - self._rng.random((1, net.groups)), dtype=torch.float32, device=net.device)
+            self._stoch = _sample_onehot(probs, u).flatten(1)
+            return torch.cat([self._deter, self._stoch], 1)[0].cpu().numpy()
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        self._deter, self._stoch, act = self.model.fitted_net().initial(1)
+        return self._observe(obs, act), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        act = self.model.fitted_net().encode_action(np.asarray(action)[None])
+        return self._observe(obs, act), reward, terminated, truncated, info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The interface
+# ----------------------------------------------------------------------------------------------------------------
+class RSSMModel(world_model.WorldModel):
+    """`--world-model rssm`: the recurrent latent world model behind the interface. `net` is the `RSSMNet` once
+    fitted or loaded, `data` the real transitions it was fitted on, `extra` what its checkpoint carried. Keyword
+    arguments override VECTOR_CONFIG / PIXEL_CONFIG (network sizes and the fitting budget)."""
+
+    def __init__(self, env_id, seed=0, device="cpu", **config):
+        env = make_real_env(env_id, "RSSMModel")
+        check_spaces_supported(env.observation_space, env.action_space, f"RSSMModel(env_id={env_id!r})")
+        self.real_observation_space, self.action_space = env.observation_space, env.action_space
+        self.max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
+        env.close()
+        pixels = _is_pixels(self.real_observation_space)
+        unknown = set(config) - set(PIXEL_CONFIG) - set(VECTOR_CONFIG)
+        if unknown:
+            raise TypeError(f"RSSMModel: unknown settings {sorted(unknown)}; known: {sorted(PIXEL_CONFIG)}")
+        self.config = {**(PIXEL_CONFIG if pixels else VECTOR_CONFIG), **config}
+        c = self.config
+        feat_dim = c["deter"] + c["groups"] * c["classes"]
+        # GRU states lie in (-1, 1), one-hot samples in {0, 1}
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (feat_dim,), dtype=np.float32)
+        self.env_id, self.seed, self.device = env_id, seed, str(device)
+        self.net, self.data, self.extra, self.optimizer, self.fits = None, None, {}, None, 0
+
+    def fitted_net(self):
+        if self.net is None:
+            raise ValueError("RSSMModel: fit() or load() it before imagining or acting through it")
+        return self.net
+
+    def _new_net(self, seed):
+        torch.manual_seed(seed)
+        net = RSSMNet(self.real_observation_space.shape, self.action_space, **self.config).to(self.device)
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=self.config["lr"], eps=1e-6)
+        return net
+
+    @torch.no_grad()
+    def _set_statistics(self, data, normalisation):
+        """Observation and reward normalisation (first fit only: the latent space must not move under a warm
+        refit), and from all data: reward clip bounds and the lowest rewards (the halt rule's floor)."""
+        net, dev = self.net, self.net.device
+        r = torch.as_tensor(data.rewards, device=dev)
+        if normalisation:
+            if not net.pixels:
+                obs = torch.as_tensor(np.concatenate([data.obs, data.next_obs]), device=dev)
+                std = obs.std(0) if len(obs) > 1 else torch.ones_like(net.obs_std)
+                net.obs_mean.copy_(obs.mean(0))
+                net.obs_std.copy_(torch.where(std < 1e-6, torch.ones_like(std), std))
+            std = r.std() if len(r) > 1 else torch.ones(())
+            net.reward_mean.copy_(r.mean())
+            net.reward_constant.copy_(std < 1e-6)
+            net.reward_std.copy_(torch.where(std < 1e-6, torch.ones(()), std))
+        width = (r.max() - r.min()).clamp_min(1e-3)
+        net.reward_clip.copy_(torch.stack([r.min() - width, r.max() + width]))
+        terminal = torch.as_tensor(data.terminated, device=dev)
+        net.reward_min.copy_(r[~terminal].min() if (~terminal).any() else torch.zeros(()))
+        net.terminal_reward_min.copy_(r[terminal].min() if terminal.any() else torch.zeros(()))
+
+    @torch.no_grad()
+    def _set_states(self, stream, seed):
+        """After a fit: the posterior states of the real data (imagination's starts) and the disagreement's 99th
+        percentile on them (the halt rule's unit)."""
+        net = self.net
+        gen = torch.Generator(device=net.device).manual_seed(seed)
+        deter, logits = net.filter_episodes(stream, gen)
+        first = stream["first"]
+        net.start_deter, net.start_logits = deter[first].clone(), logits[first].clone()
+        # buffer starts: any real step that is not past a termination (the terminal obs is no state to act in)
+        candidates = torch.nonzero(~stream["term"]).flatten()
+        pick = torch.randperm(len(candidates), generator=gen, device=net.device)[:NUM_BUFFER_STATES]
+        net.buffer_deter, net.buffer_logits = deter[candidates[pick]].clone(), logits[candidates[pick]].clone()
+        probs = net.prior_probs(deter[candidates[pick]])
+        disagreement = _entropy(probs.mean(0)) - _entropy(probs).mean(0)
+        net.disagreement_ref.copy_(torch.quantile(disagreement, 0.99).clamp_min(1e-6))
+
+    def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
+        """A new fit on `data` (`num_new` None: fresh weights, `first_updates` minibatch updates), or a warm refit
+        after `num_new` transitions were appended: max(min_refit_updates, updates_per_new_step x num_new x
+        refit_passes / 20) updates, drawn from all the data (each update: `batch` sequences of `seq_len` steps).
+        Returns the metrics (the last losses, `updates`, `seconds`)."""
+        if not isinstance(data, TransitionBuffer) or len(data) < 2:
+            raise ValueError(f"RSSMModel.fit: data must be a TransitionBuffer of at least 2 transitions, got "
+                             f"{type(data).__name__} of {len(data) if hasattr(data, '__len__') else '?'}")
+        t0, c = time.time(), self.config
+        warm = num_new is not None and self.net is not None
+        if not warm:
+            self.net = self._new_net(seed)
+            updates = c["first_updates"]
+        else:
+            updates = max(c["min_refit_updates"],
+                          math.ceil(c["updates_per_new_step"] * num_new * refit_passes / 20))
+        self._set_statistics(data, normalisation=not warm)
+        net = self.net
+        stream = episode_stream(data, net)
+        terms = float(data.terminated.sum())
+        pos_weight = torch.tensor(math.sqrt(max(len(data) - terms, 1.0) / max(terms, 1.0)), device=net.device)
+        gen = torch.Generator().manual_seed(seed * 1000 + self.fits)
+        net.train()
+        totals = {}
+        for _ in range(updates):
+            batch = sample_sequences(stream, c["batch"], c["seq_len"], gen)
+            u = torch.rand(batch["first"].shape[1], c["batch"], net.groups, generator=gen).clamp_min(1e-7)
+            loss, parts = net.loss(batch, u.to(net.device), pos_weight, c["obs_loss_scale"])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 100.0)
+            self.optimizer.step()
+            for k, v in parts.items():  # an average over the last fifth of the updates
+                totals[k] = totals.get(k, 0.0) * 0.8 + 0.2 * v if k in totals else v
+        net.eval()
+        self._set_states(stream, seed + self.fits)
+        self.fits += 1
+        self.data = data
+        metrics = {k: float(v) for k, v in totals.items()}
+        metrics.update(updates=updates, seconds=time.time() - t0, num_train=len(data),
+                       disagreement_ref=float(net.disagreement_ref))
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"world_model/{k}", v, global_step)
+        return metrics
+
+    # ---- imagination and the real env -------------------------------------------------------------------------
+    def imagined_env(self, *, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99):
+        im = RSSMImagination(start, halt, gamma)
+        return WorldModelEnv(self, observation_space=self.observation_space, action_space=self.action_space,
+                             reset_fn=im.reset_fn, transition_fn=im.transition_fn,
+                             max_episode_steps=self.max_episode_steps if horizon is None else horizon, seed=seed)
+
+    def imagined_vector_env(self, num_envs, *, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99,
+                            output="numpy", autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP):
+        im = RSSMImagination(start, halt, gamma)
+        return WorldModelVectorEnv(self, observation_space=self.observation_space, action_space=self.action_space,
+                                   reset_fn=im.batched_reset_fn, transition_fn=im.batched_transition_fn,
+                                   num_envs=num_envs,
+                                   max_episode_steps=self.max_episode_steps if horizon is None else horizon,
+                                   seed=seed, autoreset_mode=autoreset_mode, output=output, device=self.device)
+
+    def real_env(self, env):
+        diff = _describe_space_difference(self.real_observation_space, env.observation_space)
+        if diff is not None:
+            raise ValueError(f"RSSMModel for {self.env_id!r} cannot see through an env whose observation_space is "
+                             f"{diff}")
+        return BeliefEnv(env, self)
+
+    @torch.no_grad()
+    def open_loop(self, data, episode=0, context=5, horizon=50, seed=0):
+        """What train_world_model.py draws: the posterior over the first `context` steps of a real episode (the
+        `episode`-th of `data`), then the prior alone over the next `horizon` real actions. Returns a dict of
+        numpy arrays: real_obs / imagined_obs (decoded; frames as uint8 for pixels) and real_reward /
+        imagined_reward, over the imagined steps."""
+        net = self.fitted_net()
+        ids = np.unique(data.episode_ids)
+        one = data.select_episodes(ids[episode % len(ids)])
+        stream = episode_stream(one, net)
+        T = min(len(stream["first"]), context + horizon)
+        gen = torch.Generator(device=net.device).manual_seed(seed)
+        h, z, a = net.initial(1)
+        imagined_obs, imagined_reward = [], []
+        for t in range(T):
+            act = stream["prev_act"][t:t + 1] if t else a
+            if t < context:
+                h = net.img_step(h, z, net.img_a(act))
+                probs = _unimix(net.posterior_logits(h, net.encode(stream["obs"][t:t + 1])))
+                z = _sample_onehot(probs, torch.rand(1, net.groups, generator=gen, device=net.device)).flatten(1)
+                continue
+            h, z, r, _, _ = net.imagine_step(h, z, act, torch.rand(1, net.groups, generator=gen,
+                                                                      device=net.device).clamp_min(1e-7))
+            imagined_obs.append(self._decode(torch.cat([h, z], 1))[0])
+            imagined_reward.append(float(r[0]))
+        real = stream["obs"][context:T].cpu().numpy()
+        return {"real_obs": real, "imagined_obs": np.stack(imagined_obs) if imagined_obs else real[:0],
+                "real_reward": stream["reward"][context:T].cpu().numpy(),
+                "imagined_reward": np.asarray(imagined_reward, dtype=np.float32)}
+
+    def _decode(self, feat):
+        net = self.net
+        out = net.decoder(feat)
+        if net.pixels:
+            return ((out.permute(0, 2, 3, 1) + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return (out * net.obs_std + net.obs_mean).cpu().numpy()
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def save(self, path, extra=None):
+        """Writes the checkpoint atomically: tensors and primitives only (torch.load(weights_only=True)), with the
+        real data (a refit of the loaded model sees it all) and the imagination's start states."""
+        net = self.fitted_net()
+        payload = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "env_id": self.env_id,
+            "observation_space": _space_to_dict(self.real_observation_space),
+            "action_space": _space_to_dict(self.action_space), "config": json_safe(self.config),
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "states": {name: getattr(net, name).detach().cpu()
+                       for name in ("start_deter", "start_logits", "buffer_deter", "buffer_logits")},
+            "extra": json_safe(extra or {}),
+        }
+        if self.data is not None:
+            payload["buffer"] = {name: torch.from_numpy(np.ascontiguousarray(getattr(self.data, name)))
+                                 for name in (*TransitionBuffer.FIELDS, "start_obs")}
+        return save_torch_atomic(os.fspath(path), payload)
+
+    def load(self, path):
+        """Loads a checkpoint written by `save` into this model (its env's spaces must match); returns self.
+        FileNotFoundError for a missing file, ValueError for a corrupt, foreign or mismatched one."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"RSSM checkpoint {path!r} does not exist (a run with --world-model rssm writes "
+                                    "runs/<run>/world_model.pt)")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # zip/pickle errors differ between torch versions; all mean the same to the user
+            raise ValueError(f"{path!r} is not a readable RSSM checkpoint (truncated or corrupt): "
+                             f"{type(e).__name__}") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise ValueError(f"{path!r} is not an RSSM checkpoint (format {found!r}, expected "
+                             f"{CHECKPOINT_FORMAT!r}): load it with the world model that wrote it")
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path!r} has RSSM checkpoint version {payload.get('version')!r}, this code reads "
+                             f"version {CHECKPOINT_VERSION}")
+        try:
+            from ensemble import _space_from_dict
+
+            for name, mine in (("observation_space", self.real_observation_space),
+                               ("action_space", self.action_space)):
+                diff = _describe_space_difference(mine, _space_from_dict(payload[name]))
+                if diff is not None:
+                    raise ValueError(f"it was trained on {payload['env_id']!r}, whose {name} is {diff} of "
+                                     f"{self.env_id!r}'s")
+            self.config = dict(payload["config"])
+            self.net = self._new_net(self.seed)
+            self.net.load_state_dict(payload["state_dict"])
+            for name, value in payload["states"].items():
+                setattr(self.net, name, value.float().to(self.device))
+            buffer = payload.get("buffer")
+            self.data = None if buffer is None else TransitionBuffer(
+                **{name: buffer[name].numpy() for name in (*TransitionBuffer.FIELDS, "start_obs")}, env_id=self.env_id)
+        except (KeyError, AttributeError, RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path!r} does not fit --world-model rssm for {self.env_id!r}: {e}") from None
+        self.net.eval()
+        self.extra = payload.get("extra", {})
+        c = self.config
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (c["deter"] + c["groups"] * c["classes"],),
+                                                dtype=np.float32)
+        return self
