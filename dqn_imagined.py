@@ -222,19 +222,6 @@ def td_target(q_network, target_network, rewards, next_obs, terminated, discount
     return rewards + discounts * (1.0 - terminated) * next_values
 
 
-def make_envs(args, model, run, vector_env, device):
-    """The envs DQN steps: the model's batched imagined env, --vector-env sync/async workers of `make_env` thunks
-    (which load the run's latest world model, saved first), or the real envs without a model."""
-    if model is None:
-        return gym.vector.SyncVectorEnv([ru.real_env_thunk(args.env_id, args.seed + i) for i in range(args.num_envs)],
-                                        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-    path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
-    return dyna.imagined_vector_env(model, vector_env, args.num_envs, args.seed, device,
-                                    lambda seed: make_env(args, path, seed, args.imagined_horizon),
-                                    horizon=args.imagined_horizon, start=args.imagined_start,
-                                    halt=args.halt_threshold, gamma=args.gamma)
-
-
 def check_args(args, model):
     """Every bad flag stops here with one line, before a run dir exists. Returns (action_space, target return)."""
     ru.check_positive(args, "total_timesteps", "initial_action_repeat", "real_steps_per_iteration", "refit_passes",
@@ -293,7 +280,7 @@ if __name__ == "__main__":
         data, run.figures["real_env_steps"] = dyna.initial_data(
             model, args, run, log=lambda s: print("[dqn_imagined]", s, flush=True), until_termination_policy=held)
 
-        envs = make_envs(args, model, run, vector_env, device)
+        envs = dyna.make_envs(args, model, run, vector_env, device, make_env)
         obs_space = ru.check_policy_observations(envs.single_observation_space, "dqn_imagined.py", args.env_id,
                                                  args.world_model)
         n_actions = int(action_space.n)
@@ -408,7 +395,7 @@ if __name__ == "__main__":
                 run.add_dyna_round(metrics)
                 if vector_env != "batched":  # the workers' copies are stale: new workers load the refit model
                     envs.close()
-                    envs = make_envs(args, model, run, vector_env, device)
+                    envs = dyna.make_envs(args, model, run, vector_env, device, make_env)
                     obs, prev_done, ep_return, ep_length, window = reset(args.seed + iteration)
         envs.close()
 

@@ -65,6 +65,20 @@ def imagined_vector_env(model, kind, num_envs, seed, device, make_env, **setting
     return vector_cls([make_env(seed + i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
+def make_envs(args, model, run, vector_env, device, make_env):
+    """The envs a script's learner steps: the model's batched imagined env, --vector-env sync/async workers of the
+    script's `make_env(args, model_path, seed, horizon)` thunks (which load the run's latest world model, saved
+    here first), or the real envs without a model (CleanRL's thunks)."""
+    if model is None:
+        return gym.vector.SyncVectorEnv([ru.real_env_thunk(args.env_id, args.seed + i) for i in range(args.num_envs)],
+                                        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
+    return imagined_vector_env(model, vector_env, args.num_envs, args.seed, device,
+                               lambda seed: make_env(args, path, seed, args.imagined_horizon),
+                               horizon=args.imagined_horizon, start=args.imagined_start, halt=args.halt_threshold,
+                               gamma=args.gamma)
+
+
 def save_checkpoints(run, args, model, nets):
     """What a run keeps, finished, interrupted or failed: agent.pt (`nets`: name -> module, those that exist) and,
     where this run fitted or refit the world model, world_model.pt with its real data. Returns the paths."""

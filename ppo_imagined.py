@@ -267,19 +267,6 @@ def gae(rewards, values, bootstrap, dones, valid, next_value, gamma, gae_lambda)
     return advantages, advantages + values
 
 
-def make_envs(args, model, run, vector_env, device):
-    """The envs PPO steps: the model's batched imagined env, --vector-env sync/async workers of `make_env` thunks
-    (which load the run's latest world model, saved first), or the real envs without a model."""
-    if model is None:
-        return gym.vector.SyncVectorEnv([ru.real_env_thunk(args.env_id, args.seed + i) for i in range(args.num_envs)],
-                                        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-    path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
-    return dyna.imagined_vector_env(model, vector_env, args.num_envs, args.seed, device,
-                                    lambda seed: make_env(args, path, seed, args.imagined_horizon),
-                                    horizon=args.imagined_horizon, start=args.imagined_start,
-                                    halt=args.halt_threshold, gamma=args.gamma)
-
-
 def check_args(args, model):
     """Every bad flag stops here with one line, before a run dir exists; fills in the action-space defaults.
     Returns (action_space, target return)."""
@@ -337,7 +324,7 @@ if __name__ == "__main__":
     with run:
         data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print("[ppo]", s))
 
-        envs = make_envs(args, model, run, vector_env, device)
+        envs = dyna.make_envs(args, model, run, vector_env, device, make_env)
         obs_space = ru.check_policy_observations(envs.single_observation_space, "ppo_imagined.py", args.env_id,
                                                  args.world_model)
         agent = nets["agent"] = Agent(obs_space.shape[0], action_space, norm_obs=args.norm_obs).to(device)
@@ -503,7 +490,7 @@ if __name__ == "__main__":
                       f"{metrics['seconds']:.1f}s", flush=True)
                 if vector_env != "batched":  # the workers' copies are stale: new workers load the refit model
                     envs.close()
-                    envs = make_envs(args, model, run, vector_env, device)
+                    envs = dyna.make_envs(args, model, run, vector_env, device, make_env)
                     next_obs = torch.as_tensor(envs.reset(seed=args.seed + iteration)[0], dtype=torch.float32,
                                                device=device)
                     next_done = torch.zeros(args.num_envs, device=device)
