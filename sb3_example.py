@@ -1,21 +1,27 @@
-"""Stable-Baselines3 trained inside a learned world model (Dyna), judged in the real environment.
+"""Stable-Baselines3 trained inside a world model (Dyna), judged in the real environment.
 
-  1. load (--world-model-path) or fit the reference ensemble world model (world_model.py),
-  2. run SB3's `check_env` on the single imagined `WorldModelEnv`,
+  1. load (--world-model-path) or fit the world model named by --world-model (the world-model interface,
+     world_model.py; the reference ensemble by default),
+  2. run SB3's `check_env` on the model's single imagined env (`model.imagined_env`),
   3. train SB3 PPO, DQN (Discrete actions) or SAC (Box actions) on imagined experience only; with --num-envs > 1
-     the batched world model is driven through `WorldModelSB3VecEnv`, an SB3 `VecEnv` adapter that steps all
-     imagined envs with ONE model call,
+     the model's batched env (`model.imagined_vector_env`) is driven through `WorldModelSB3VecEnv`, an SB3 `VecEnv`
+     adapter that steps all imagined envs with ONE model call (--vector-env sync|async: SB3's DummyVecEnv /
+     SubprocVecEnv of single imagined envs instead, each loading its own copy of the model),
   4. between phases: Dyna rounds (real data from the current policy, warm refit of the model) and real evaluation,
   5. the final judgement in the real env; TensorBoard logs and summary.json in runs/{run_name}/.
+
+The policy acts on what the model shows (its observation space, and `model.real_env` in the real env).
 
 Usage:
     python sb3_example.py                                  # CartPole-v1, PPO in imagination
     python sb3_example.py --env-id Pendulum-v1             # SAC (the default algo for Box actions)
     python sb3_example.py --world-model-path runs/X/world_model.pt --algo dqn
+    python sb3_example.py --world-model examples/cartpole_physics.py:CartPolePhysics   # a given simulator
     python sb3_example.py --eval-checkpoint runs/X/agent.pt
 The speed of the adapter against DummyVecEnv of single WorldModelEnvs: python benchmark.py --sb3-vecenv
 """
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,14 +34,19 @@ import tyro
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-import rl_utils as rl
-import world_model as wm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dyna  # noqa: E402
+import real_env  # noqa: E402
+import rl_utils as ru  # noqa: E402
+import world_model  # noqa: E402
 
 TAG = "sb3_example"
 
 
 @dataclass
-class Args(rl.DynaArgs):
+class Args(ru.DynaArgs):
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """The name of this experiment (the run dir is runs/{env_id}__{exp_name}__{seed}__{time})."""
     algo: Optional[Literal["ppo", "dqn", "sac"]] = None
     """The SB3 algorithm trained in imagination.
     None picks ppo for Discrete actions and sac for Box actions; dqn needs Discrete actions, sac needs Box actions."""
@@ -46,7 +57,7 @@ class Args(rl.DynaArgs):
     """The number of imagined envs; more than 1 drives the batched model through WorldModelSB3VecEnv.
     None: 16 for ppo and dqn, 8 for sac."""
     check_env: bool = True
-    """Run SB3's check_env on the single imagined WorldModelEnv first."""
+    """Run SB3's check_env on the model's single imagined env first."""
 
 
 # Settings per algorithm (rl-zoo's tuned CartPole / Pendulum values, with more envs where the batched model makes
@@ -82,7 +93,7 @@ class WorldModelSB3VecEnv(VecEnv):
         if mode != AutoresetMode.SAME_STEP:
             raise ValueError(
                 f"WorldModelSB3VecEnv needs a vector env with autoreset_mode=AutoresetMode.SAME_STEP, got {mode}. "
-                "Create it with make_imagined_vector_env(..., autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)."
+                "Create it with model.imagined_vector_env(..., autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)."
             )
         self.vector_env = vector_env
         self._actions: Optional[np.ndarray] = None
@@ -100,7 +111,7 @@ class WorldModelSB3VecEnv(VecEnv):
 
     def step_async(self, actions: np.ndarray) -> None:
         # Box actions are clipped where they enter the env; SB3 keeps the (unclipped) action it sampled
-        self._actions = wm.clip_action(actions, self.action_space)
+        self._actions = real_env.clip_action(actions, self.action_space)
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, terminated, truncated, info = self.vector_env.step(self._actions)
@@ -140,16 +151,36 @@ def imagined_settings(args: Args, gamma: float) -> dict:
     return dict(horizon=args.imagined_horizon, start=args.imagined_start, halt=args.halt_threshold, gamma=gamma)
 
 
-def make_imagined_sb3_env(model, args: Args, num_envs: int, seed: int, gamma: float) -> VecEnv:
-    """The imagined training env as an SB3 VecEnv with episode statistics (VecMonitor / Monitor)."""
+def make_env(args: Args, model_path: Optional[str], seed: int, gamma: float):
+    """CleanRL's make_env, for imagined envs stepped one per env (--vector-env sync|async): the thunk builds and
+    loads its own copy of the world model, so that SubprocVecEnv workers share nothing."""
+
+    def thunk():
+        from stable_baselines3.common.monitor import Monitor
+
+        torch.set_num_threads(1)
+        model = world_model.make(args.world_model, env_id=args.env_id, seed=seed)
+        model = model.load(model_path) if model_path else model
+        return Monitor(model.imagined_env(seed=seed, **imagined_settings(args, gamma)))
+
+    return thunk
+
+
+def make_imagined_sb3_env(model, args: Args, kind: str, seed: int, gamma: float, model_path=None) -> VecEnv:
+    """The imagined training env as an SB3 VecEnv with episode statistics (VecMonitor / Monitor): the model's
+    batched env behind WorldModelSB3VecEnv (SAME_STEP autoreset, see the adapter), or SB3's DummyVecEnv (sync) /
+    SubprocVecEnv (async) of `make_env` thunks."""
     from stable_baselines3.common.monitor import Monitor
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
 
     settings = imagined_settings(args, gamma)
-    if num_envs > 1:
-        return VecMonitor(WorldModelSB3VecEnv(wm.make_imagined_vector_env(
-            model, num_envs, seed=seed, autoreset_mode=AutoresetMode.SAME_STEP, **settings)))
-    return DummyVecEnv([lambda: Monitor(wm.make_imagined_env(model, seed=seed, **settings))])
+    if kind == "batched" and args.num_envs > 1:
+        return VecMonitor(WorldModelSB3VecEnv(model.imagined_vector_env(
+            args.num_envs, seed=seed, autoreset_mode=AutoresetMode.SAME_STEP, **settings)))
+    if kind == "batched":  # one env: nothing to batch
+        return DummyVecEnv([lambda: Monitor(model.imagined_env(seed=seed, **settings))])
+    thunks = [make_env(args, model_path, seed + i, gamma) for i in range(args.num_envs)]
+    return DummyVecEnv(thunks) if kind == "sync" else SubprocVecEnv(thunks, start_method="spawn")
 
 
 def pick_algo(args: Args, action_space: gym.Space) -> str:
@@ -157,21 +188,47 @@ def pick_algo(args: Args, action_space: gym.Space) -> str:
     discrete = isinstance(action_space, gym.spaces.Discrete)
     algo = args.algo or ("ppo" if discrete else "sac")
     if algo == "dqn" and not discrete:
-        raise rl.ArgError("--algo", f"ppo or sac for {args.env_id}'s Box actions", algo, "DQN needs Discrete actions.")
+        raise ru.ArgError("--algo", f"ppo or sac for {args.env_id}'s Box actions", algo, "DQN needs Discrete actions.")
     if algo == "sac" and discrete:
-        raise rl.ArgError("--algo", f"ppo or dqn for {args.env_id}'s Discrete actions", algo, "SAC needs Box actions.")
+        raise ru.ArgError("--algo", f"ppo or dqn for {args.env_id}'s Discrete actions", algo, "SAC needs Box actions.")
     return algo
 
 
-def policy_for_evaluation(payload: dict, observation_space: gym.Space, action_space: gym.Space):
-    """Rebuilds the SB3 policy saved by this script (its class and kwargs travel in the checkpoint)."""
+def check_args(args: Args, action_space: gym.Space) -> None:
+    """Every bad flag stops here with one line, before a run dir exists; fills in the algo's defaults."""
+    if args.world_model == world_model.NO_MODEL:
+        raise ru.ArgError("--world-model", "ensemble or your own model (path/to/file.py:attr or package.module:attr): "
+                          f"{TAG}.py trains in imagination only", args.world_model,
+                          "The model-free baselines are ppo_imagined.py, dqn_imagined.py and sac_imagined.py "
+                          "with --world-model none.")
+    args.algo = pick_algo(args, action_space)
+    args.total_timesteps = DEFAULTS[args.algo][0] if args.total_timesteps is None else args.total_timesteps
+    args.num_envs = DEFAULTS[args.algo][1] if args.num_envs is None else args.num_envs
+    ru.check_positive(args, "num_envs")
+    ru.check_dyna_args(args)
+
+
+def policy_for_evaluation(algo: str, observation_space: gym.Space, action_space: gym.Space, state_dict: dict):
+    """Rebuilds the SB3 policy this script trained (its class and kwargs follow from the run's --algo)."""
     import stable_baselines3 as sb3
 
-    algo_class = {"ppo": sb3.PPO, "dqn": sb3.DQN, "sac": sb3.SAC}[payload["extra"]["algo"]]
+    algo_class = {"ppo": sb3.PPO, "dqn": sb3.DQN, "sac": sb3.SAC}[algo]
     policy = algo_class.policy_aliases["MlpPolicy"](observation_space, action_space, lambda _: 0.0,
-                                                     **payload["extra"]["policy_kwargs"])
-    policy.load_state_dict(payload["state_dicts"]["policy"])
+                                                     **ALGO_KWARGS[algo].get("policy_kwargs", {}))
+    policy.load_state_dict(state_dict)
     return policy.eval()
+
+
+def evaluate_checkpoint(path: str) -> dict:
+    """Rebuilds a saved policy (and its run's world model: what it acts on) and replays its run's final evaluation."""
+    payload = ru.load_agent(path)
+    if "policy" not in payload["state_dicts"] or payload["args"].get("algo") not in ALGO_KWARGS:
+        raise ru.ArgError("--eval-checkpoint", f"an agent.pt written by {TAG}.py", path,
+                          f"It holds {sorted(payload['state_dicts'])}; replay it with the script that wrote it.")
+    model = dyna.agent_world_model(payload, path)
+    policy = policy_for_evaluation(payload["args"]["algo"], model.observation_space, model.action_space,
+                                   payload["state_dicts"]["policy"])
+    return dyna.replay_final_evaluation(TAG, path, lambda obs: policy.predict(obs, deterministic=True)[0], model)
 
 
 if __name__ == "__main__":
@@ -182,36 +239,33 @@ if __name__ == "__main__":
     from stable_baselines3.common.logger import configure
 
     if args.eval_checkpoint is not None:
-        payload = rl.load_agent(args.eval_checkpoint)
-        obs_space, act_space, _ = rl.real_env_spaces(payload["args"]["env_id"], TAG)
-        policy = policy_for_evaluation(payload, obs_space, act_space)
-        rl.replay_final_evaluation(TAG, args.eval_checkpoint, payload,
-                                   lambda obs: policy.predict(obs, deterministic=True)[0])
-        raise SystemExit(0)
-    obs_space, act_space, threshold = rl.real_env_spaces(args.env_id, TAG)
-    algo = pick_algo(args, act_space)
-    args.algo = algo
-    args.total_timesteps = DEFAULTS[algo][0] if args.total_timesteps is None else args.total_timesteps
-    args.num_envs = DEFAULTS[algo][1] if args.num_envs is None else args.num_envs
-    rl.check_positive(args, "num_envs")
-    rl.check_dyna_args(args)
-    rl.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
+        evaluate_checkpoint(args.eval_checkpoint)
+        sys.exit(0)
+    _, act_space, threshold = ru.real_env_spaces(args.env_id, f"{TAG}.py")
+    check_args(args, act_space)
+    algo, n = args.algo, args.num_envs
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    start_time = time.time()
+    model = dyna.model_from_args(args, device)  # loads --world-model-path
+    ru.check_policy_observations(model.observation_space, f"{TAG}.py", args.env_id, args.world_model)
+    if getattr(model, "learns", True) and args.world_model_path is None and args.initial_real_steps < 2:
+        raise ru.ArgError("--initial-real-steps", "at least 2 transitions to fit a model on", args.initial_real_steps)
+    vector_env = dyna.vector_env_kind(args, model)
+    ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
 
-    # 1. the world model, and SB3's checker on the single imagined env ---------------------------------------------
-    model, buffer, real_env_steps, wm_seconds = rl.world_model_for(args, device, TAG)
-    kwargs = dict(ALGO_KWARGS[algo])
-    if args.check_env:
-        check_env(wm.make_imagined_env(model, seed=args.seed, **imagined_settings(args, kwargs["gamma"])), warn=True)
-        print(f"[{TAG}] check_env(WorldModelEnv) passed")
-    run_name, run_dir, writer = rl.start_run(args, TAG)
-    try:
-        dyna = rl.DynaRounds(TAG, args, model, buffer, real_env_steps, writer, target=threshold,
-                             world_model_seconds=wm_seconds, start_time=start_time)
+    run = ru.Run(args, TAG)
+    nets = {}  # what the run saves (finished, interrupted or failed): the policy once it exists, and the model
+    run.checkpoint = lambda: dyna.save_checkpoints(run, args, model, nets)
+    with run:
+        # 1. the world model, and SB3's checker on the single imagined env -----------------------------------------
+        data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print(f"[{TAG}] {s}"))
+        kwargs = dict(ALGO_KWARGS[algo])
+        if args.check_env:
+            single = model.imagined_env(seed=args.seed, **imagined_settings(args, kwargs["gamma"]))
+            check_env(single, warn=True)
+            print(f"[{TAG}] check_env({type(single).__name__}) passed")
+        rounds = dyna.DynaRounds(run, args, model, data, target=threshold)
 
         # 2. the agent, trained on imagined experience -------------------------------------------------------------
-        n = args.num_envs
         if algo == "ppo":
             kwargs.update(n_steps=max(2048 // n, 16))
         else:  # tiny runs (tests) still train
@@ -220,10 +274,17 @@ if __name__ == "__main__":
             kwargs.update(target_update_interval=max(10, n), train_freq=max(256 // n, 1))
         elif algo == "sac":  # one gradient step per two imagined transitions
             kwargs.update(gradient_steps=max(1, n // 2))
-        env = make_imagined_sb3_env(model, args, n, seed=args.seed, gamma=kwargs["gamma"])
+
+        def make_envs():  # sync/async workers load the model as saved now (the refit one after a Dyna round)
+            path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
+            return make_imagined_sb3_env(model, args, vector_env, args.seed, kwargs["gamma"], path)
+
+        env = make_envs()  # SB3 sizes the policy from its spaces: what the model shows
         algo_class = {"ppo": sb3.PPO, "dqn": sb3.DQN, "sac": sb3.SAC}[algo]
         agent = algo_class("MlpPolicy", env, seed=args.seed, device=device, verbose=0, **kwargs)
-        agent.set_logger(configure(run_dir, ["tensorboard"]))  # SB3's own train/* curves
+        nets["policy"] = agent.policy
+        agent.set_logger(configure(run.dir, ["tensorboard"]))  # SB3's own train/* curves
+        writer = run.writer
 
         class StatusCallback(BaseCallback):
             """Imagined episodes to TensorBoard, and a status line about every twentieth of the run."""
@@ -238,6 +299,7 @@ if __name__ == "__main__":
                 self.t0, self.steps0 = time.time(), self.num_timesteps
 
             def _on_step(self) -> bool:
+                run.figures["global_step"] = run.figures["imagined_steps"] = self.num_timesteps
                 for info in self.locals["infos"]:
                     if "episode" in info:
                         self.recent.append(info["episode"]["r"])
@@ -246,7 +308,7 @@ if __name__ == "__main__":
                 if self.num_timesteps >= self.next_print:
                     self.next_print = (self.num_timesteps // self.every + 1) * self.every
                     writer.add_scalar("charts/SPS", self.sps(), self.num_timesteps)
-                    dyna.status(self.phase, self.num_timesteps, self.imagined_return(), self.sps())
+                    rounds.status(self.phase, self.num_timesteps, self.imagined_return(), self.sps())
                 return True
 
             def sps(self) -> float:
@@ -258,21 +320,21 @@ if __name__ == "__main__":
         callback = StatusCallback()
         act_fn = lambda obs: agent.predict(obs, deterministic=True)[0]  # noqa: E731
         explore_fn = lambda obs: agent.predict(obs, deterministic=False)[0]  # noqa: E731
-        for phase in range(dyna.num_phases):
+        for phase in range(rounds.num_phases):
             callback.phase = phase
             t0 = time.time()
-            agent.learn(dyna.phase_steps(phase), callback=callback, reset_num_timesteps=phase == 0)
-            dyna.timings["train_seconds"] += time.time() - t0
-            # Dyna: the model's start states, clip range and halt reference are refit in place, so the same
-            # imagined env (holding the model) continues with the refit model
-            dyna.end_phase(phase, agent.num_timesteps, act_fn, explore_fn)
-            dyna.status(phase, agent.num_timesteps, callback.imagined_return(), callback.sps())
+            agent.learn(rounds.phase_steps(phase), callback=callback, reset_num_timesteps=phase == 0)
+            run.timings["train_seconds"] += time.time() - t0
+            # Dyna: the batched env holds the model, which is refit in place (start states, clip range and halt
+            # reference too), so it continues with the refit model; sync/async workers hold stale copies
+            refits = rounds.refits
+            rounds.end_phase(phase, agent.num_timesteps, act_fn, explore_fn)
+            rounds.status(phase, agent.num_timesteps, callback.imagined_return(), callback.sps())
+            if rounds.refits > refits and vector_env != "batched":
+                env.close()
+                env = make_envs()
+                agent.set_env(env)  # SB3 resets it at the next learn()
         env.close()
 
         # 3. the judgement in the real env, summary.json ------------------------------------------------------------
-        agent_path = rl.save_agent(os.path.join(run_dir, "agent.pt"), {"policy": agent.policy.state_dict()}, args,
-                                   args.world_model_path, extra={"algo": algo, "policy_kwargs": agent.policy_kwargs})
-        dyna.finish(act_fn, agent.num_timesteps, run_dir, agent_path=agent_path, scale=threshold,
-                    extra={"sb3_algo": algo, "num_envs": n})
-    finally:
-        rl.remove_run_dir_without_summary(run_dir)
+        rounds.finish(act_fn, agent.num_timesteps, extra={"sb3_algo": algo, "num_envs": n})

@@ -6,8 +6,10 @@
 * TorchRL: GymWrapper around the batched env passes check_env_specs; a truncated step keeps the true final
   observation, is not "terminated", and GAE bootstraps it with V(final obs) while a terminated step is not.
 * Both scripts run end to end with tiny budgets on CartPole-v1 (Discrete) and Pendulum-v1 (Box) and write
-  summary.json; bad input (Dict observations, MultiDiscrete actions, --algo dqn on Box actions, a missing
-  --world-model-path) ends with one clear line and leaves no run dir.
+  summary.json; with --vector-env sync (single imagined envs, each thunk loading the model, rebuilt after a refit);
+  with a given simulator (examples/cartpole_physics.py: no real transition is used); bad input (Dict observations,
+  MultiDiscrete actions, --algo dqn on Box actions, a missing --world-model-path, --world-model none) ends with one
+  clear line and leaves no run dir.
 """
 import json
 import logging
@@ -25,8 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import benchmark  # noqa: E402
+import ensemble  # noqa: E402
+import ensemble_imagination  # noqa: E402
+import real_env  # noqa: E402
 import torchrl_example  # noqa: E402
-import world_model as wm  # noqa: E402
 from unsupported_envs import DICT_OBS_ID, MULTI_DISCRETE_ID  # noqa: E402
 from sb3_example import WorldModelSB3VecEnv  # noqa: E402
 from world_model_env import WorldModelVectorEnv  # noqa: E402
@@ -72,8 +76,8 @@ def counter_vec(term_at, horizon, mode=SAME):
 @pytest.fixture(scope="module")
 def tiny_wm():
     """A tiny but real EnsembleWorldModel (a second to fit)."""
-    data = wm.collect_transitions("CartPole-v1", 400, seed=0)
-    model, _ = wm.fit_world_model(data, seed=0, max_epochs=2, ensemble_size=2, hidden_size=32, num_layers=2)
+    data = real_env.collect_transitions("CartPole-v1", 400, seed=0)
+    model, _ = ensemble.fit_world_model(data, seed=0, max_epochs=2, ensemble_size=2, hidden_size=32, num_layers=2)
     return model
 
 
@@ -81,7 +85,7 @@ def tiny_wm():
 def test_check_env_on_world_model_env(tiny_wm):
     from stable_baselines3.common.env_checker import check_env
 
-    check_env(wm.make_imagined_env(tiny_wm, seed=0), warn=True)
+    check_env(ensemble_imagination.make_imagined_env(tiny_wm, seed=0), warn=True)
 
 
 def test_sb3_adapter_vecenv_contract():
@@ -122,8 +126,9 @@ def test_sb3_adapter_matches_dummy_vec_env(tiny_wm):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     n, horizon = 4, 6
-    adapter = WorldModelSB3VecEnv(wm.make_imagined_vector_env(tiny_wm, n, horizon=horizon, autoreset_mode=SAME))
-    dummy = DummyVecEnv([lambda: wm.make_imagined_env(tiny_wm, horizon=horizon) for _ in range(n)])
+    adapter = WorldModelSB3VecEnv(ensemble_imagination.make_imagined_vector_env(tiny_wm, n, horizon=horizon,
+                                                                                autoreset_mode=SAME))
+    dummy = DummyVecEnv([lambda: ensemble_imagination.make_imagined_env(tiny_wm, horizon=horizon) for _ in range(n)])
     for venv in (adapter, dummy):
         venv.seed(123)
     np.testing.assert_allclose(adapter.reset(), dummy.reset(), atol=1e-5)
@@ -150,17 +155,12 @@ def test_benchmark_sb3_vecenv_section(tmp_path):
 
 
 # ---------------------------------------------------------------- TorchRL
-def test_torchrl_batched_env_specs_and_truncation_bootstrap(monkeypatch):
+def test_torchrl_batched_env_specs_and_truncation_bootstrap():
     from tensordict.nn import TensorDictModule
     from torchrl.envs.utils import check_env_specs
     from torchrl.objectives.value import GAE
 
-    args = torchrl_example.Args(num_envs=2, imagined_horizon=3, gamma=0.5, reward_scale=1.0)
-    # make_torchrl_env builds its vector env through world_model; route it to the counter model instead
-    monkeypatch.setattr(torchrl_example.wm, "make_imagined_vector_env",
-                        lambda model, n, seed=None, horizon=None, autoreset_mode=None, **kw:
-                        counter_vec([2, 100], horizon=horizon, mode=autoreset_mode))
-    env = torchrl_example.make_torchrl_env(CounterModel([2, 100]), args, seed=0)
+    env = torchrl_example.make_torchrl_env(counter_vec([2, 100], horizon=3), reward_scale=1.0)
     assert tuple(env.batch_size) == (2,)
     check_env_specs(env, seed=0)
 
@@ -230,7 +230,7 @@ def test_sb3_example_end_to_end(tmp_path, monkeypatch, capsys, env_id):
     assert summary["imagined_steps"] >= 512 and summary["real_env_steps"] == 200 + 100
     assert len(summary["eval_history"]) == 1 and summary["imagined_minus_real"] is not None
     # the refit world model carries all its real data; --eval-checkpoint replays the final evaluation exactly
-    assert len(wm.load_world_model(run_dir / "world_model.pt").buffer) == 300
+    assert len(ensemble.load_world_model(run_dir / "world_model.pt").buffer) == 300
     if env_id == "CartPole-v1":  # as a separate process, from another working dir
         replay = subprocess.run([sys.executable, os.path.join(ROOT, "sb3_example.py"), "--eval-checkpoint",
                                  str(run_dir / "agent.pt")], cwd=tmp_path.parent, capture_output=True, text=True,
@@ -258,14 +258,48 @@ def test_torchrl_example_end_to_end(tmp_path, monkeypatch, capsys, env_id):
     assert summary["algo"] == "torchrl_example" and summary["env_id"] == env_id
 
 
+EXAMPLES = [("sb3_example.py", TINY), ("torchrl_example.py", TINY + TORCHRL_TINY)]
+PHYSICS = os.path.join(ROOT, "examples", "cartpole_physics.py") + ":CartPolePhysics"
+
+
+@pytest.mark.parametrize("script, flags", EXAMPLES)
+def test_examples_sync_vector_env(tmp_path, monkeypatch, capsys, script, flags):
+    """--vector-env sync: single imagined envs whose thunks load the saved model, rebuilt after the refit."""
+    run_main(monkeypatch, tmp_path, script, *flags, "--num-envs", "2", "--vector-env", "sync")
+    stdout = capsys.readouterr().out
+    run_dir, summary = read_run(tmp_path)
+    assert "iter 2/2" in stdout and summary["real_env_steps"] == 300 and summary["refits"] == 1
+    assert summary["imagined_steps"] >= 512 and summary["status"] == "finished"
+    assert len(ensemble.load_world_model(run_dir / "world_model.pt").buffer) == 300
+
+
+@pytest.mark.parametrize("script, flags", EXAMPLES)
+def test_examples_given_simulator_uses_no_real_data(tmp_path, monkeypatch, capsys, script, flags):
+    """A model that does not learn (the true CartPole equations): imagined training only, judged in the real env,
+    no real transition spent, no world_model.pt; --eval-checkpoint rebuilds the simulator and replays."""
+    run_main(monkeypatch, tmp_path, script, *flags, "--world-model", PHYSICS)
+    stdout = capsys.readouterr().out
+    run_dir, summary = read_run(tmp_path)
+    assert "iter 2/2" in stdout and summary["real_env_steps"] == 0 and summary["world_model"] == PHYSICS
+    assert summary["world_model_path"] is None and not (run_dir / "world_model.pt").exists()
+    assert len(summary["eval_history"]) == 1 and summary["imagined_minus_real"] is not None
+    with pytest.raises(SystemExit) as exc:
+        run_main(monkeypatch, tmp_path, script, "--eval-checkpoint", str(run_dir / "agent.pt"))
+    assert exc.value.code == 0
+    expected = f"real return {summary['real_return_mean']:.1f} +/- {summary['real_return_std']:.1f}"
+    assert expected in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- bad input: one clear line, no run dir
 
 
 @pytest.mark.parametrize("script", ["sb3_example.py", "torchrl_example.py"])
 @pytest.mark.parametrize("flags, message", [
-    (["--env-id", DICT_OBS_ID], "--env-id: expected an env with a 1-D Box observation space"),
+    (["--env-id", DICT_OBS_ID], "--env-id: expected an env that --world-model ensemble supports"),
     (["--env-id", MULTI_DISCRETE_ID], "--env-id: expected an env with Discrete actions or Box actions"),
-    (["--world-model-path", "missing/world_model.pt"], "--world-model-path: expected a world_model.pt"),
+    (["--world-model-path", "missing/world_model.pt"], "--world-model-path: expected a world-model checkpoint"),
+    (["--world-model", "none"], "--world-model: expected ensemble or your own model"),
+    (["--world-model", "no_such_module:Model"], "--world-model: expected ensemble, none"),
     (["--env-id", "Pendulum-v1", "--algo", "dqn"], "--algo: expected ppo or sac for Pendulum-v1's Box actions"),
     (["--real-iterations", "-1"], "--real-iterations: expected an integer >= 0"),
 ])
