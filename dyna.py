@@ -79,7 +79,7 @@ def make_envs(args, model, run, vector_env, device, make_env):
                                gamma=args.gamma)
 
 
-def save_checkpoints(run, args, model, nets):
+def save_checkpoints(run, args, model, nets, extra=None):
     """What a run keeps, finished, interrupted or failed: agent.pt (`nets`: name -> module, those that exist) and,
     where this run fitted or refit the world model, world_model.pt with its real data. Returns the paths."""
     paths = {"world_model_path": args.world_model_path, "agent_path": None}
@@ -89,7 +89,7 @@ def save_checkpoints(run, args, model, nets):
                                                extra={"real_env_steps": run.figures["real_env_steps"]})
     if nets:
         paths["agent_path"] = ru.save_agent(run.path("agent.pt"), {k: v.state_dict() for k, v in nets.items()}, args,
-                                            paths["world_model_path"])
+                                            paths["world_model_path"], extra=extra)
     return paths
 
 
