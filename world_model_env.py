@@ -26,9 +26,58 @@ from gymnasium.vector.utils import batch_space
 
 __all__ = ["WorldModelEnv", "WorldModelVectorEnv", "AdapterError", "AutoresetMode"]
 
-# Seeds handed to reset_fn are drawn from the env's RNG in [0, 2**31 - 1) so they fit every seeding API.
-_SEED_HIGH = 2**31 - 1
+# Seeds handed to reset_fn by seedless resets are in [0, 2**31) so they fit every seeding API.
 _NO_ROWS = np.zeros(0, dtype=np.int64)
+
+# ------------------------------------------------------------------------------------------------
+# The seed stream of seedless resets: counter-based (splitmix64), so that any number of rows draw their next seed
+# in a few array operations (no generator per row). ``reset(seed=s)`` starts an env's (a row's) stream at
+# ``stream_start(s)``; each seedless reset advances it by the golden gamma and hands ``stream_output`` of it to
+# reset_fn: the n-th seed after reset(seed=s) is splitmix64's n-th output from mix(s), i.e. a pure function of
+# (s, n). WorldModelEnv (Python ints) and WorldModelVectorEnv (uint64 arrays) compute the same values, so a batched
+# env reproduces SyncVectorEnv-of-WorldModelEnv trajectories, autoresets included.
+# ------------------------------------------------------------------------------------------------
+_M64 = 2**64 - 1
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_U = np.uint64
+_U_GOLDEN, _U_MIX1, _U_MIX2, _U27, _U30, _U31, _U33 = _U(_GOLDEN), _U(_MIX1), _U(_MIX2), _U(27), _U(30), _U(31), _U(33)
+
+
+def stream_start(seed: int) -> int:
+    """The stream state of an env (row) after ``reset(seed=seed)``: splitmix64's mix of the seed."""
+    z = int(seed) & _M64
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
+
+
+def stream_next(state: int) -> tuple[int, int]:
+    """(next state, seed in [0, 2**31)) of a stream: the state advances by the golden gamma; the seed is the top
+    31 bits of its mix (the mix's last xor-shift does not change them, so it is left out)."""
+    state = (state + _GOLDEN) & _M64
+    z = ((state ^ (state >> 30)) * _MIX1) & _M64
+    return state, (((z ^ (z >> 27)) * _MIX2) & _M64) >> 33
+
+
+def stream_starts(seeds: np.ndarray) -> np.ndarray:
+    """stream_start of an int array (uint64 result)."""
+    z = np.asarray(seeds, dtype=np.int64).astype(np.uint64)
+    z = (z ^ (z >> _U30)) * _U_MIX1  # uint64 arrays wrap modulo 2**64 silently
+    z = (z ^ (z >> _U27)) * _U_MIX2
+    return z ^ (z >> _U31)
+
+
+def stream_nexts(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """stream_next of a uint64 array of states: (next states, int64 seeds). In place on a fresh copy: a few ops."""
+    states = states + _U_GOLDEN
+    z = states >> _U30
+    z ^= states
+    z *= _U_MIX1
+    t = z >> _U27
+    z ^= t
+    z *= _U_MIX2
+    z >>= _U33
+    return states, z.view(np.int64)
 
 
 class AdapterError(ValueError):
@@ -152,8 +201,8 @@ class WorldModelEnv(gym.Env):
     """A Gymnasium env that steps a world model through small adapter functions (README: the adapter contract).
 
     ``model`` is passed as the first argument to every adapter. ``reset_fn(model, seed=None, options=None)``
-    always receives an int seed (the one given to ``reset``, else one drawn from ``env.np_random``), so a
-    reset_fn that seeds from it makes episodes reproducible. ``transition_fn(model, state, action)``,
+    always receives an int seed (the one given to ``reset``, else the next of a seed stream keyed by the last
+    seed given; see ``stream_next``), so a reset_fn that seeds from it makes episodes reproducible. ``transition_fn(model, state, action)``,
     optional ``action_transform_fn(model, action)`` (policy action -> model encoding) and
     ``render_fn(model, state)``. ``max_episode_steps`` is the trusted imagination horizon (``truncated``
     when reached); ``seed`` is used by the first ``reset()`` that is not given one.
@@ -189,6 +238,7 @@ class WorldModelEnv(gym.Env):
         self._state: Any = None
         self._done: bool | None = None  # None until the first reset
         self._elapsed = 0
+        self._stream: int | None = None  # the seed stream's state (stream_next): seedless resets draw from it
 
     @property
     def state(self) -> Any:
@@ -203,7 +253,12 @@ class WorldModelEnv(gym.Env):
         # The constructor seed only stands in for the first reset; an explicit seed replaces it for good.
         seed, self._init_seed = self._init_seed if seed is None else seed, None
         super().reset(seed=seed)
-        model_seed = seed if seed is not None else int(self.np_random.integers(0, _SEED_HIGH))
+        if seed is not None:
+            model_seed, self._stream = seed, stream_start(seed)
+        else:
+            if self._stream is None:  # never seeded: a random stream (np_random draws from OS entropy)
+                self._stream = stream_start(int(self.np_random.integers(0, 2**63 - 1)))
+            self._stream, model_seed = stream_next(self._stream)
         with _no_grad():
             out = self.reset_fn(self.model, seed=model_seed, options=options)
         state, obs = _unpack(self._owner, "reset_fn", out, _RESET_KEYS)
@@ -311,12 +366,13 @@ class WorldModelEnv(gym.Env):
                          "clip continuous actions to the bounds.")
 
 
-def _scatter(dst: Any, rows: np.ndarray, src: Any, where: str) -> Any:
-    """Write ``src`` (k rows) into rows ``rows`` of ``dst`` (num_envs rows); dst may be a pytree."""
+def _scatter(dst: Any, rows: np.ndarray, src: Any, where: str, index: Any = None) -> Any:
+    """Write ``src`` (k rows) into rows ``rows`` of ``dst`` (num_envs rows); dst may be a pytree. ``index``: rows
+    as a tensor already (reused for every tensor leaf on its device). Callers hold _no_grad()."""
     if isinstance(dst, Mapping):
-        return type(dst)({k: _scatter(dst[k], rows, src[k], f"{where}[{k!r}]") for k in dst})
+        return type(dst)({k: _scatter(dst[k], rows, src[k], f"{where}[{k!r}]", index) for k in dst})
     if isinstance(dst, (tuple, list)):
-        return type(dst)(_scatter(d, rows, s, f"{where}[{i}]") for i, (d, s) in enumerate(zip(dst, src)))
+        return type(dst)(_scatter(d, rows, s, f"{where}[{i}]", index) for i, (d, s) in enumerate(zip(dst, src)))
     src_shape = tuple(getattr(src, "shape", ()))
     if src_shape != (len(rows), *tuple(dst.shape)[1:]):  # numpy would silently broadcast a wrong shape
         raise AdapterError(f"WorldModelVectorEnv: reset_fn returned {where} rows of shape {src_shape}, but "
@@ -325,8 +381,11 @@ def _scatter(dst: Any, rows: np.ndarray, src: Any, where: str) -> Any:
     try:
         if _is_tensor(dst):
             torch = _torch()
-            with torch.no_grad():
-                dst[torch.from_numpy(rows).to(dst.device)] = torch.as_tensor(src, device=dst.device, dtype=dst.dtype)
+            if index is None or index.device != dst.device:
+                index = torch.from_numpy(rows).to(dst.device)
+            if not (_is_tensor(src) and src.dtype == dst.dtype and src.device == dst.device):
+                src = torch.as_tensor(src, device=dst.device, dtype=dst.dtype)
+            dst.index_copy_(0, index, src)
         else:
             dst[rows] = _to_numpy(src)
     except Exception as err:  # dtype mismatch between reset_fn and transition_fn states
@@ -370,8 +429,10 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
     array with one seed per row being reset (all rows on ``reset()``, the finished rows on autoreset) and returns
     that many rows; ``transition_fn`` returns ``reward``/``terminated``/``truncated``? of shape (num_envs,) and
     ``info`` as a dict of batched arrays. ``observation_space`` / ``action_space`` are the *single-env* spaces.
-    ``reset(seed=s)`` seeds row ``i`` with ``s + i`` like ``SyncVectorEnv``, so a batched model reproduces
-    ``SyncVectorEnv`` of ``WorldModelEnv`` trajectories. Autoreset follows Gymnasium's ``CartPoleVectorEnv``: rows
+    ``reset(seed=s)`` seeds row ``i`` with ``s + i`` like ``SyncVectorEnv``; seedless resets and autoresets draw
+    each row's next seed from its counter-based stream (``stream_nexts``: array operations, no per-row generator),
+    the same stream a ``WorldModelEnv`` draws from, so a batched model reproduces ``SyncVectorEnv`` of
+    ``WorldModelEnv`` trajectories. Autoreset follows Gymnasium's ``CartPoleVectorEnv``: rows
     that finish are remembered at the end of ``step`` and reset at the start of the next (``NEXT_STEP``), or at
     once (``SAME_STEP``, with ``final_obs`` / ``final_info`` as ``SyncVectorEnv`` reports them).
 
@@ -424,10 +485,11 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         self.output = output
         self.device = device
         self._init_seed = None if seed is None else int(seed)
-        self._row_rngs: list[np.random.Generator] | None = None
+        self._row_streams: np.ndarray | None = None  # per-row seed stream states (uint64, see stream_nexts)
         self._state: Any = None
         self._steps: Any = None
         self._autoreset_rows = _NO_ROWS  # host indices of the rows that finished last step (NEXT_STEP)
+        self._action_bounds = None  # Box bounds in the output kind, made at the first step
 
         self._torch_out = output == "torch"
         self._obs_float = np.issubdtype(observation_space.dtype, np.floating)
@@ -450,23 +512,31 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
     def reset(self, *, seed: int | list | None = None, options: dict | None = None):
         seed, self._init_seed = self._init_seed if seed is None else seed, None
         n = self.num_envs
-        if seed is None:
-            seeds = [None] * n
-        elif _is_int(seed):
-            seeds = [int(seed) + i for i in range(n)]
-        elif isinstance(seed, (list, tuple, np.ndarray)) and len(seed) == n:
-            seeds = [None if s is None else int(s) for s in seed]
-        else:
+        given = np.zeros(n, dtype=bool)  # rows whose seed is given; the others draw from their streams
+        seeds = np.zeros(n, dtype=np.int64)
+        if _is_int(seed):
+            seeds, given[:] = int(seed) + np.arange(n, dtype=np.int64), True
+        elif isinstance(seed, np.ndarray) and seed.shape == (n,) and seed.dtype.kind in "iu":
+            seeds, given[:] = seed.astype(np.int64), True
+        elif isinstance(seed, (list, tuple, np.ndarray)) and len(seed) == n and all(
+                s is None or _is_int(s) for s in seed):
+            given[:] = [s is not None for s in seed]
+            seeds[given] = [int(s) for s in seed if s is not None]
+        elif seed is not None:
             raise ValueError(f"{self._owner}.reset: seed must be an int, None or a list of {n} ints, "
                              f"got {_describe(seed)}.")
-        first = next((s for s in seeds if s is not None), None)
-        if first is not None:
-            self._np_random, self._np_random_seed = seeding.np_random(first)
-        old = self._row_rngs or [np.random.default_rng() for _ in range(n)]
-        self._row_rngs = [old[i] if s is None else seeding.np_random(s)[0] for i, s in enumerate(seeds)]
-        # like WorldModelEnv: the given seed, else one drawn from the row's RNG
-        row_seeds = [r.integers(0, _SEED_HIGH) if s is None else s for s, r in zip(seeds, self._row_rngs)]
-        state, obs, info = self._call_reset(np.array(row_seeds, dtype=np.int64), options)
+        if (seeds < 0).any():
+            raise ValueError(f"{self._owner}.reset: seeds must be non-negative ints, got {seeds[seeds < 0][:5]}.")
+        if given.any():
+            self._np_random, self._np_random_seed = seeding.np_random(int(seeds[given.argmax()]))
+        if self._row_streams is None:  # never seeded: random streams from OS entropy
+            self._row_streams = stream_starts(np.random.default_rng().integers(0, 2**63 - 1, size=n))
+        self._row_streams[given] = stream_starts(seeds[given])
+        # like WorldModelEnv: the given seed, else the next of the row's stream
+        row_seeds = seeds
+        row_seeds[~given] = self._draw_seeds(np.flatnonzero(~given))
+        with _no_grad():
+            state, obs, info = self._call_reset(row_seeds, options)
         self._finite_done_rows("reset_fn", obs)
         self._state = state
         self._steps = self._index(np.zeros(n, dtype=np.int64))
@@ -477,10 +547,13 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         if self._state is None:
             raise ResetNeeded(f"{self._owner}: call reset() before step().")
         actions = self._check_actions(actions)
-        with _no_grad():
-            if self.action_transform_fn is not None:
-                actions = self.action_transform_fn(self.model, actions)
-            out = self.transition_fn(self.model, self._state, actions)
+        with _no_grad():  # one context for the whole step: the adapters and the reset rows' writes
+            return self._step(actions)
+
+    def _step(self, actions):
+        if self.action_transform_fn is not None:
+            actions = self.action_transform_fn(self.model, actions)
+        out = self.transition_fn(self.model, self._state, actions)
         state, obs, reward, terminated = _unpack(self._owner, "transition_fn", out, _STEP_KEYS)
         if _leading_dim(state) != self.num_envs:
             raise AdapterError(f"{self._owner}: transition_fn returned a state with leading dimension "
@@ -523,8 +596,7 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         self._state = None
 
     def _call_reset(self, row_seeds: np.ndarray, options):
-        with _no_grad():
-            out = self.reset_fn(self.model, seed=row_seeds, options=options)
+        out = self.reset_fn(self.model, seed=row_seeds, options=options)  # callers hold _no_grad()
         state, obs = _unpack(self._owner, "reset_fn", out, _RESET_KEYS)
         if self._torch_out and self.device is None:
             self.device = obs.device if _is_tensor(obs) else "cpu"
@@ -537,14 +609,19 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
 
     def _reset_rows(self, rows: np.ndarray, state, obs, check: bool):
         """Start new episodes in ``rows``: write reset_fn's states and observations in place; return (state, index)."""
-        row_seeds = np.array([self._row_rngs[i].integers(0, _SEED_HIGH) for i in rows], dtype=np.int64)
-        r_state, r_obs, _ = self._call_reset(row_seeds, None)
+        r_state, r_obs, _ = self._call_reset(self._draw_seeds(rows), None)
         if check:
             self._finite_done_rows("reset_fn", r_obs, rows=rows)
-        state, idx = _scatter(state, rows, r_state, "state"), self._index(rows)
+        idx = self._index(rows)
+        state = _scatter(state, rows, r_state, "state", idx if self._torch_out else None)
         obs[idx] = r_obs
         self._steps[idx] = 0
         return state, idx
+
+    def _draw_seeds(self, rows: np.ndarray) -> np.ndarray:
+        """The next seed of each row's stream (rows: unique host indices); advances those streams."""
+        self._row_streams[rows], seeds = stream_nexts(self._row_streams[rows])
+        return seeds
 
     def _index(self, rows: np.ndarray):
         return _torch().from_numpy(rows).to(self.device) if self._torch_out else rows  # from_numpy: cheaper
@@ -589,7 +666,9 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         """To the output kind (numpy array, or torch tensor on self.device)."""
         if self._torch_out:
             return x.to(self.device) if _is_tensor(x) else _torch().as_tensor(np.asarray(x), device=self.device)
-        return x if type(x) is np.ndarray else _to_numpy(x)
+        if type(x) is np.ndarray:
+            return x
+        return x.numpy(force=True) if _is_tensor(x) else np.asarray(x)
 
     def _as_obs(self, obs, adapter: str, rows: int):
         obs = self._convert(obs)
@@ -641,10 +720,18 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
                              f"{self.action_space.shape} (num_envs={self.num_envs}, single action_space {space}). Pass "
                              "one action per env.")
         if isinstance(space, spaces.Discrete):
-            lo, hi = space.start, space.start + space.n
-            ok = _kind(actions) in "iu" and bool((actions.min() >= lo) & (actions.max() < hi))  # one sync in torch
+            lo, hi, kind = space.start, space.start + space.n, _kind(actions)
+            if kind not in "iu":
+                ok = False
+            elif self._torch_out:
+                ok = bool((actions.min() >= lo) & (actions.max() < hi))  # one sync
+            else:  # one reduction: below-range values wrap to huge ones when read as unsigned
+                shifted = actions if lo == 0 else actions - lo
+                ok = int(shifted.view(f"u{shifted.itemsize}").max()) < space.n
         elif isinstance(space, spaces.Box):
-            low, high = self._convert(space.low), self._convert(space.high)
+            if self._action_bounds is None:  # converted once (a host->device copy per step otherwise)
+                self._action_bounds = self._convert(space.low), self._convert(space.high)
+            low, high = self._action_bounds
             if self._torch_out:
                 actions = actions.to(low.dtype)
             elif np.can_cast(actions.dtype, space.dtype, casting="same_kind"):
