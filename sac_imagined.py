@@ -3,19 +3,16 @@
 #   python sac_imagined.py                                   # Pendulum-v1: SAC on real + branched imagined data
 #   python sac_imagined.py --env-id InvertedPendulum-v5      # stops early at the env's reward_threshold (950)
 #   python sac_imagined.py --world-model-path runs/<wm_run>/world_model.pt   # start from an existing world model
-#   python sac_imagined.py --world-model none                # model-free baseline: plain SAC on the real env
+#   python sac_imagined.py --world-model none                # model-free baseline (or file.py:attr: your model)
 #   python sac_imagined.py --eval-checkpoint runs/<run>/agent.pt             # replay a saved agent's final evaluation
 #
 # Loop (MBPO, Janner et al. 2019, in the shape of CleanRL's sac_continuous_action.py): unlike the PPO/DQN scripts,
-# SAC acts in the REAL env, one step at a time, and every real transition goes to a real replay buffer. Without
-# --world-model-path, the first --initial-real-steps uniform-random real transitions fit an ensemble world model.
-# Every --model-rollout-every real steps, --rollout-batch-size branched rollouts start from real states drawn from
-# the real replay buffer and run --imagined-horizon steps in the model (one batched WorldModelVectorEnv); their
-# transitions go to a model replay buffer. Every --real-steps-per-iteration real steps the model is refit, warm and
-# budgeted, on all real data. Each real step is followed by --utd-ratio SAC gradient steps on batches that mix
-# --real-ratio real data with model data. With --world-model none the same file is plain SAC on the real env.
-# real_env_steps counts every real transition used for learning (the world model's data included); evaluation
-# episodes are reported separately as eval_env_steps.
+# SAC acts in the REAL env (through the model's view of it), one step at a time, into a real replay buffer. The
+# first --initial-real-steps uniform-random real transitions fit the model (unless --world-model-path). Every
+# --model-rollout-every real steps, --rollout-batch-size branched rollouts run --imagined-horizon model steps from
+# real states into a model replay buffer; every --refit-every real steps the model is refit (warm, budgeted) on all
+# real data. After each real step, --utd-ratio SAC updates on batches with --real-ratio real data (--world-model
+# none: plain SAC). real_env_steps counts every real transition learned from, eval_env_steps the evaluations'.
 import os
 import sys
 import time
@@ -30,8 +27,10 @@ import torch.optim as optim
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import rl_utils  # noqa: E402
-import world_model as wm  # noqa: E402
+import dyna  # noqa: E402
+import real_env  # noqa: E402
+import rl_utils as ru  # noqa: E402
+import world_model  # noqa: E402
 
 TAG = "sac_imagined"
 
@@ -39,7 +38,7 @@ TAG = "sac_imagined"
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """The name of this experiment."""
+    """The name of this experiment (the run dir is runs/{env_id}__{exp_name}__{seed}__{time})."""
     seed: int = 1
     """The seed of the experiment; torch, numpy, the real env and the world model derive theirs from it."""
     torch_deterministic: bool = True
@@ -47,55 +46,48 @@ class Args:
     cuda: bool = True
     """If toggled, cuda is used when available (the run falls back to the CPU otherwise)."""
     num_threads: int = 1
-    """The number of torch CPU threads.
-    One is the fastest for these small networks."""
+    """The number of torch CPU threads (one is the fastest for these small networks)."""
 
     # Environment and world model
     env_id: str = "Pendulum-v1"
-    """The id of the real Gymnasium environment (1-D Box observations, Box actions)."""
+    """The id of the real Gymnasium environment (Box actions)."""
     total_timesteps: int = 5000
-    """The real environment steps of the whole run, the --initial-real-steps random ones included.
-    SAC acts in the real env; the imagined transitions come on top of these (the summary's imagined_steps)."""
-    world_model: Literal["learned", "none"] = "learned"
-    """With `learned`, SAC also trains on branched rollouts of a world model (MBPO).
-    With `none`, it is plain SAC on the real env: the model-free baseline."""
+    """The real steps of the whole run, the --initial-real-steps random ones included (imagined ones come on top)."""
+    world_model: str = "ensemble"
+    """The world model of the branched rollouts: `ensemble` (the reference MLP ensemble), `none` (plain SAC on the real
+    env: the model-free baseline), or your own as `path/to/file.py:attr` or `package.module:attr` (world_model.py)."""
     world_model_path: Optional[str] = None
-    """A world_model.pt from train_world_model.py or from an earlier run to start from.
-    Without it, a model is fitted on the first --initial-real-steps random real transitions."""
+    """A world-model checkpoint to start from (train_world_model.py or an earlier run; None: fit one here)."""
+    vector_env: Literal["auto", "batched", "sync", "async"] = "auto"
+    """How the branched rollouts are stepped: `batched` (one model call steps all; `auto` picks it where the model
+    offers it), or `sync` / `async`: Sync/AsyncVectorEnv of --rollout-batch-size single imagined envs, each thunk
+    loading its own copy of the model (for models that only offer a single env: lower --rollout-batch-size then)."""
     initial_real_steps: int = 1000
-    """The real steps taken with uniform random actions before SAC acts and learns.
-    With a learned model they are also the data of its first fit."""
-    real_steps_per_iteration: int = 250
+    """The real steps with uniform random actions before SAC acts and learns (with a model: its first fit's data)."""
+    refit_every: int = 250
     """The world model is refit (warm, budgeted) on all real data after every this many new real steps."""
     refit_passes: int = 200
-    """A refit's budget: at most the minibatch updates that this many passes over the new real data take.
-    Early stopping on held-out episodes may end it sooner. Higher than PPO's 20: SAC leaves the data faster,
-    and with 20 the HalfCheetah-v5 model fell behind it (seed 1: real return -61.8 after 20,000; 2,453 with 200)."""
+    """A refit's budget: at most the minibatch updates of this many passes over the new real data (early stopping
+    on top). PPO's 20 is too few for SAC (HalfCheetah-v5 seed 1: -61.8 after 20,000 real steps; 2,453 with 200)."""
     model_rollout_every: int = 250
     """A new batch of branched rollouts is imagined after every this many real steps."""
     rollout_batch_size: int = 10000
-    """The number of branched rollouts per batch, each started from a real state of the real replay buffer.
-    Rollouts always start from real states, so there is no --imagined-start flag."""
+    """The branched rollouts per batch, each from a real state of the real replay buffer (sync/async: the model's)."""
     imagined_horizon: int = 1
-    """The length of each branched rollout; its end is a truncation and is bootstrapped.
-    MBPO starts with 1: one model step from a real state is where the model is most accurate."""
+    """The length of each branched rollout, its end a bootstrapped truncation (MBPO's 1: the most accurate step)."""
     model_retain_rollouts: int = 4
     """The model replay buffer keeps the transitions of this many rollout batches (the oldest are overwritten)."""
     halt_threshold: float = 0.0
-    """The halt rule's multiplier: a step whose ensemble disagreement exceeds it ends as terminated, pessimistically.
-    0 turns the rule off, the default here: short branched rollouts from real states stay close to the data."""
+    """The halt rule's disagreement multiple (0, the default, turns it off: short branches stay near the data)."""
     real_ratio: float = 0.2
-    """The fraction of real transitions in each SAC batch; the rest comes from the model replay buffer.
-    MBPO uses 0.05; on HalfCheetah-v5 (20,000 real steps, seeds 1-3) 0.05 gave 2,453 / 237 / 986 and 0.2 gave
-    1,071 / 3,143 / 2,379: more real data keeps the critic from following the model's errors on every seed."""
+    """The fraction of real transitions in each SAC batch, the rest from the model replay buffer. MBPO uses 0.05; on
+    HalfCheetah-v5 (20,000 real steps, seeds 1-3) 0.05 gave 2,453 / 237 / 986 and 0.2 gave 1,071 / 3,143 / 2,379."""
     utd_ratio: int = 10
-    """The number of SAC gradient steps per real env step (update-to-data ratio).
-    MBPO uses 20; 10 learns Pendulum-v1 and InvertedPendulum-v5 as fast per real step at half the compute."""
+    """SAC gradient steps per real step (MBPO: 20; 10 learns Pendulum and InvertedPendulum as fast at half the cost)."""
 
     # SAC (CleanRL names)
     hidden_size: int = 128
-    """The width of the two hidden layers of the actor and the soft Q-networks.
-    CleanRL uses 256; 128 is enough here and makes the SAC updates (most of the run time) 2.5x faster on a CPU."""
+    """The width of the actor's and Q-networks' hidden layers (CleanRL: 256; 128 suffices and is 2.5x faster on CPU)."""
     gamma: float = 0.99
     """The discount factor gamma."""
     tau: float = 0.005
@@ -117,15 +109,13 @@ class Args:
 
     # Evaluation in the real env
     eval_every: int = 500
-    """The deterministic policy is evaluated in the real env after every this many real steps (0: only at the end)."""
+    """Evaluate once this many real steps passed since SAC began learning or the last evaluation (0: the final only)."""
     eval_episodes: int = 10
     """The number of real episodes per evaluation; the final summary statistics are over this many episodes."""
     target_return: Optional[float] = None
-    """The real return that counts as solved; None means the env's `reward_threshold` (none for Pendulum-v1).
-    The summary records the real steps used when an evaluation first reached it."""
+    """The real return that counts as solved (None: the env's `reward_threshold`; none for Pendulum-v1)."""
     early_stop: bool = True
-    """If toggled, the run stops (no more real data) once the mean real return of --stop-after-evals consecutive
-    evaluations reached --target-return."""
+    """Stop (no more real data) once the mean real return of --stop-after-evals consecutive evaluations reached it."""
     stop_after_evals: int = 1
     """The consecutive evaluations (fresh episodes each) whose mean return must reach --target-return to stop early."""
     eval_checkpoint: Optional[str] = None
@@ -134,7 +124,17 @@ class Args:
     """Record the final evaluation's real episodes, and one dream-vs-real video, under runs/<run>/videos/."""
 
 
-make_env = rl_utils.make_env  # the real env thunk (CleanRL's make_env), shared by the scripts
+def make_env(args, model_path, seed, horizon):
+    """CleanRL's make_env for --vector-env sync|async: each thunk builds and loads its own copy of the world model."""
+
+    def thunk():
+        torch.set_num_threads(1)
+        model = world_model.make(args.world_model, env_id=args.env_id, seed=seed)
+        model = model.load(model_path) if model_path else model
+        return model.imagined_env(seed=seed, horizon=horizon, start="buffer", halt=args.halt_threshold,
+                                  gamma=args.gamma)
+
+    return thunk
 
 
 class SoftQNetwork(nn.Module):
@@ -190,9 +190,8 @@ class Actor(nn.Module):
 
 
 def soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha, gamma):
-    """The soft Bellman target r + gamma * (1 - terminated) * (min Q'(s', a') - alpha * log pi(a'|s')).
-    Only a termination cuts the bootstrap: a time-limit or rollout-horizon truncation is stored as not terminated,
-    so its true final observation s' is bootstrapped."""
+    """The soft Bellman target r + gamma * (1 - terminated) * (min Q'(s', a') - alpha * log pi(a'|s')). Only a
+    termination cuts the bootstrap: a time-limit or rollout-horizon truncation is stored as not terminated."""
     next_v = torch.min(next_q1, next_q2) - alpha * next_log_prob
     return rewards + gamma * (1.0 - terminated) * next_v
 
@@ -207,76 +206,99 @@ def policy_fn(actor, device, deterministic):
     return act
 
 
-def branched_rollouts(envs, policy, start_obs, seed):
-    """MBPO's branched rollouts in one batched WorldModelVectorEnv whose time limit is the rollout horizon: row i
-    starts at the real state start_obs[i] and runs until its horizon (a truncation) or a learned termination / halt
-    (terminated). Returns the rows' live transitions (obs, actions, rewards, next_obs, terminated) as numpy arrays;
-    the transition that NEXT_STEP autoreset produces after a row finished is never returned."""
-    assert envs.max_episode_steps is not None, "branched rollouts need the horizon as the envs' time limit"
-    obs, _ = envs.reset(seed=seed, options={"states": start_obs})
-    obs = wm._to_numpy(obs)
+def branched_rollouts(envs, policy, start_obs, seed, horizon):
+    """MBPO's branched rollouts: row i starts at the real state start_obs[i] (None: where the envs start it) and runs
+    until the horizon (the envs' time limit: a truncation) or a learned termination / halt. Returns the rows' live
+    transitions (obs, actions, rewards, next_obs, terminated), never the NEXT_STEP autoreset one after a row ended."""
+    # one start state per row goes to a batched env; Sync/AsyncVectorEnv workers start from the model's data instead
+    obs = real_env.to_numpy(envs.reset(seed=seed, options=None if start_obs is None else {"states": start_obs})[0])
     alive = np.ones(envs.num_envs, dtype=bool)
     out = {k: [] for k in ("obs", "actions", "rewards", "next_obs", "terminated")}
-    while alive.any():
+    for _ in range(horizon):  # every row has ended by then (its horizon is a truncation)
         actions = policy(obs)  # the learner keeps the sampled action; it is clipped where it enters the env
-        env_actions = wm.clip_action(actions, envs.single_action_space)
-        if envs.output == "torch":
+        env_actions = real_env.clip_action(actions, envs.single_action_space)
+        if getattr(envs, "output", "numpy") == "torch":
             env_actions = torch.as_tensor(env_actions, device=envs.device)
         next_obs, rewards, terminated, truncated, _ = envs.step(env_actions)
-        next_obs, terminated, truncated = wm._to_numpy(next_obs), wm._to_numpy(terminated), wm._to_numpy(truncated)
-        for key, value in (("obs", obs), ("actions", actions), ("rewards", wm._to_numpy(rewards)),
+        next_obs, terminated, truncated = (real_env.to_numpy(x) for x in (next_obs, terminated, truncated))
+        for key, value in (("obs", obs), ("actions", actions), ("rewards", real_env.to_numpy(rewards)),
                            ("next_obs", next_obs), ("terminated", terminated)):
             out[key].append(value[alive])
-        alive &= ~(terminated | truncated)
+        alive &= ~(terminated.astype(bool) | truncated.astype(bool))
         obs = next_obs
+        if not alive.any():
+            break
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def transitions(log, env_id):
+    """`log` (field -> rows, start_obs too) as the TransitionBuffer the world model is (re)fitted on and saved with."""
+    return real_env.TransitionBuffer(*(np.asarray(log[k]) for k in (*real_env.TransitionBuffer.FIELDS, "start_obs")),
+                                     env_id=env_id)
+
+
+def save_checkpoints(run, args, model, nets, log):
+    """dyna.save_checkpoints, the world model with every raw real transition (those since its last refit too)."""
+    if model is not None and getattr(model, "learns", True) and hasattr(model, "data") and log.get("obs"):
+        model.data = transitions(log, args.env_id)
+    return dyna.save_checkpoints(run, args, model, nets, extra={"real_env_steps": run.figures["real_env_steps"]})
+
+
+def evaluate_checkpoint(path):
+    """Rebuilds a saved actor (and its run's world model) and replays its run's final evaluation."""
+    payload = ru.load_agent(path)
+    model = dyna.agent_world_model(payload, path)
+    obs_space, act_space, _ = ru.real_env_spaces(payload["args"]["env_id"], f"{TAG}.py", actions=("Box",))
+    obs_space = model.observation_space if model is not None else obs_space
+    actor = Actor(obs_space.shape[0], act_space, payload["args"]["hidden_size"])
+    actor.load_state_dict(payload["state_dicts"]["actor"])
+    return dyna.replay_final_evaluation(TAG, path, policy_fn(actor, "cpu", True), model)
+
+
+def check_args(args):
+    """Every bad flag stops here with one line, before a run dir exists; returns what __main__ starts from."""
+    real_obs_space, act_space, reward_threshold = ru.real_env_spaces(args.env_id, f"{TAG}.py", actions=("Box",))
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    model = dyna.model_from_args(args, device)  # None for --world-model none; loads --world-model-path
+    ru.check_positive(args, "total_timesteps", "initial_real_steps", "refit_every", "refit_passes",
+                      "model_rollout_every", "rollout_batch_size", "imagined_horizon", "model_retain_rollouts",
+                      "utd_ratio", "batch_size", "policy_frequency", "target_network_frequency", "eval_episodes",
+                      "num_threads", "hidden_size", "stop_after_evals")
+    for name in ("real_ratio", "gamma"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ru.ArgError("--" + name.replace("_", "-"), "a value in [0, 1]", getattr(args, name))
+    for name in ("halt_threshold", "eval_every"):
+        if not getattr(args, name) >= 0:
+            raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))
+    fits_here = model is not None and getattr(model, "learns", True) and args.world_model_path is None
+    if fits_here and args.total_timesteps <= args.initial_real_steps:
+        raise ru.ArgError("--total-timesteps", f"more than --initial-real-steps ({args.initial_real_steps})",
+                          args.total_timesteps, "The first ones are random steps for the world model.")
+    obs_space = ru.check_policy_observations(model.observation_space if model is not None else real_obs_space,
+                                             f"{TAG}.py", args.env_id, args.world_model)
+    return device, model, obs_space, act_space, reward_threshold, fits_here
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_checkpoint is not None:
-        payload = rl_utils.load_agent(args.eval_checkpoint)
-        saved = payload["args"]
-        obs_space, act_space, _ = rl_utils.real_env_spaces(saved["env_id"], f"{TAG}.py", actions=("Box",))
-        actor = Actor(obs_space.shape[0], act_space, saved["hidden_size"])
-        actor.load_state_dict(payload["state_dicts"]["actor"])
-        rl_utils.replay_final_evaluation(TAG, args.eval_checkpoint, payload, policy_fn(actor, "cpu", True))
+        evaluate_checkpoint(args.eval_checkpoint)
         sys.exit(0)
 
-    # bad input: one clear line, before anything is written
-    obs_space, act_space, reward_threshold = rl_utils.real_env_spaces(args.env_id, f"{TAG}.py", actions=("Box",))
-    rl_utils.check_positive(args, "total_timesteps", "initial_real_steps", "real_steps_per_iteration", "refit_passes",
-                            "model_rollout_every", "rollout_batch_size", "imagined_horizon", "model_retain_rollouts",
-                            "utd_ratio", "batch_size", "policy_frequency", "target_network_frequency",
-                            "eval_episodes", "num_threads", "hidden_size", "stop_after_evals")
-    if not 0.0 <= args.real_ratio <= 1.0:
-        raise rl_utils.ArgError("--real-ratio", "a fraction in [0, 1]", args.real_ratio)
-    if not args.halt_threshold >= 0:
-        raise rl_utils.ArgError("--halt-threshold", "a number >= 0 (0 turns the halt rule off)", args.halt_threshold)
-    if args.eval_every < 0:
-        raise rl_utils.ArgError("--eval-every", "an integer >= 0", args.eval_every)
-    learned = args.world_model == "learned"
-    if not learned and args.world_model_path is not None:
-        raise rl_utils.ArgError("--world-model-path", "no checkpoint with --world-model none", args.world_model_path,
-                                "Drop one of the two flags.")
-    fits_here = learned and args.world_model_path is None
-    if fits_here and args.total_timesteps <= args.initial_real_steps:
-        raise rl_utils.ArgError("--total-timesteps", f"more than --initial-real-steps ({args.initial_real_steps})",
-                                args.total_timesteps, "The first ones are random steps for the world model.")
+    device, model, obs_space, act_space, reward_threshold, fits_here = check_args(args)
+    learns, vector_env = model is not None and getattr(model, "learns", True), dyna.vector_env_kind(args, model)
+    ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
 
-    rl_utils.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    start_time = time.time()
-    model, model_data, real_env_steps = None, None, 0
-    timings = {"world_model_seconds": 0.0, "real_collect_seconds": 0.0, "rollout_seconds": 0.0, "train_seconds": 0.0}
-    if learned:  # a checkpoint, or a fit on --initial-real-steps random real transitions
-        model, model_data, real_env_steps, timings["world_model_seconds"] = rl_utils.world_model_for(args, device, TAG)
-    run_name, run_dir, writer = rl_utils.start_run(args, TAG, model_free=not learned)
-    try:
+    run = ru.Run(args, TAG, model_free=model is None)
+    nets, log = {}, {}  # what the run saves: the agent once it exists; the raw real data the model is saved with
+    run.checkpoint = lambda: save_checkpoints(run, args, model, nets, log)
+    with run:
+        data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print(f"[{TAG}]", s))
+        figures, timings, writer = run.figures, run.timings, run.writer
         obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
-        actor = Actor(obs_dim, act_space, args.hidden_size).to(device)
-        qf1 = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
-        qf2 = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
+        actor = nets["actor"] = Actor(obs_dim, act_space, args.hidden_size).to(device)
+        qf1 = nets["qf1"] = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
+        qf2 = nets["qf2"] = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
         qf1_target = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
         qf2_target = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
         qf1_target.load_state_dict(qf1.state_dict())
@@ -291,70 +313,62 @@ if __name__ == "__main__":
         else:
             alpha = args.alpha
 
-        # The real data: the replay buffer SAC samples from, plus what the world model's TransitionBuffer also needs
-        # (time-limit truncations, episode ids, reset observations). The model's initial data is real data too.
-        initial = len(model_data) if model_data is not None else 0
-        capacity = initial + args.total_timesteps
-        rb = rl_utils.ReplayBuffer(capacity, obs_dim, act_space.shape, np.float32, seed=args.seed)
-        real_truncated = np.zeros(capacity, dtype=bool)
-        real_episode_ids = np.zeros(capacity, dtype=np.int64)
-        real_start_obs = []
-        if model_data is not None:
-            rb.add(model_data.obs, model_data.actions, model_data.rewards, model_data.next_obs, model_data.terminated)
-            real_truncated[:initial] = model_data.truncated
-            real_episode_ids[:initial] = model_data.episode_ids
-            real_start_obs.extend(model_data.start_obs)
-        episode_id = int(real_episode_ids[:initial].max()) + 1 if initial else 0
+        # The real data in two views: SAC's replay keeps what the policy sees (its actor and critics learn on it),
+        # the model's `log` the raw real observations, with what a model also needs (time-limit truncations, episode
+        # ids, reset observations). Where the policy sees the raw observations (the base class's identity view, as
+        # the ensemble's), the model's random data fills SAC's replay too; else SAC starts with random steps of its own.
+        shared = data is not None and getattr(type(model), "real_env", None) is world_model.WorldModel.real_env
+        rb = ru.ReplayBuffer((len(data) if shared else 0) + args.total_timesteps, obs_dim, act_space.shape, np.float32,
+                             seed=args.seed)
+        if shared:
+            rb.add(data.obs, data.actions, data.rewards, data.next_obs, data.terminated)
+        log.update({k: list(getattr(data, k)) if data is not None else []
+                    for k in (*real_env.TransitionBuffer.FIELDS, "start_obs")})
+        episode_id = int(data.episode_ids.max()) + 1 if data is not None and len(data) else 0
 
-        def real_transitions():
-            """All real data so far as the TransitionBuffer the world model is fitted on."""
-            n = rb.size
-            return wm.TransitionBuffer(rb.obs[:n], rb.actions[:n], rb.rewards[:n], rb.next_obs[:n], rb.terminated[:n],
-                                       real_truncated[:n], real_episode_ids[:n], np.array(real_start_obs), args.env_id)
+        def make_envs():  # the batched imagined env, or sync/async workers of single ones loading the saved model
+            path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
+            return dyna.imagined_vector_env(model, vector_env, args.rollout_batch_size, args.seed, device,
+                                            lambda seed: make_env(args, path, seed, args.imagined_horizon),
+                                            horizon=args.imagined_horizon, start="buffer", halt=args.halt_threshold,
+                                            gamma=args.gamma)
 
-        if learned:
-            num_rollout_envs = args.rollout_batch_size
-            imagined_envs = wm.make_imagined_vector_env(
-                model, num_rollout_envs, horizon=args.imagined_horizon, start="buffer", halt=args.halt_threshold,
-                gamma=args.gamma, output="torch" if device.type == "cuda" else "numpy")
-            model_capacity = args.rollout_batch_size * args.imagined_horizon * args.model_retain_rollouts
-            model_rb = rl_utils.ReplayBuffer(model_capacity, obs_dim, act_space.shape, np.float32, seed=args.seed + 1)
-        explore = policy_fn(actor, device, deterministic=False)
-        greedy = policy_fn(actor, device, deterministic=True)
+        if model is not None:
+            imagined_envs = make_envs()
+            model_rb = ru.ReplayBuffer(args.rollout_batch_size * args.imagined_horizon * args.model_retain_rollouts,
+                                       obs_dim, act_space.shape, np.float32, seed=args.seed + 1)
+        explore, greedy = policy_fn(actor, device, deterministic=False), policy_fn(actor, device, deterministic=True)
         target = args.target_return if args.target_return is not None else reward_threshold
-        evaluator = rl_utils.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target)
+        evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target, model)
 
         # the loop: one real step, then model refits / rollouts when due, then utd_ratio SAC updates
-        env = make_env(args.env_id, args.seed)()
+        env, raw = real_env.seen_through(model, ru.real_env_thunk(args.env_id, args.seed)())
         obs, _ = env.reset(seed=args.seed)
-        real_start_obs.append(obs)
-        episodic_return, episodic_length = 0.0, 0
-        collected = args.initial_real_steps if fits_here else 0  # this run's real steps so far
-        since_refit = since_rollout = 0
-        num_updates = imagined_steps = num_rollouts = 0
+        log["start_obs"].append(raw.last_obs)
+        collected = figures["real_env_steps"] if fits_here else 0  # this run's real steps so far
+        episodic_return, episodic_length, since_refit, since_rollout, num_updates = 0.0, 0, 0, 0, 0
+        timings["rollout_seconds"], figures["sac_updates"], figures["rollout_batches"] = 0.0, 0, 0
+        global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
         loop_start, loop_steps = time.time(), args.total_timesteps - collected
         for step in range(loop_steps):
             t0 = time.time()
-            if rb.size < args.initial_real_steps:
-                action = act_space.sample()
-            else:
-                action = explore(obs[None])[0]
-            next_obs, reward, terminated, truncated, info = env.step(wm.clip_action(action, act_space))
-            row = rb.size
+            random_phase = rb.size < args.initial_real_steps  # random actions from the space the thunk seeded
+            action = env.action_space.sample() if random_phase else explore(obs[None])[0]
+            raw_obs = raw.last_obs
+            env_action = real_env.clip_action(action, env.action_space)
+            next_obs, reward, terminated, truncated, info = env.step(env_action)
             rb.add(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]))
-            real_truncated[row], real_episode_ids[row] = truncated, episode_id
-            real_env_steps += 1
-            since_refit += 1
-            since_rollout += 1
-            global_step = real_env_steps
-            episodic_return += float(reward)
-            episodic_length += 1
+            for key, value in zip(log, (raw_obs, env_action, reward, raw.last_obs, terminated, truncated, episode_id)):
+                log[key].append(value)  # the model learns from the action the env received
+            global_step = figures["global_step"] = figures["real_env_steps"] = global_step + 1
+            since_refit, since_rollout = since_refit + 1, since_rollout + 1
+            episodic_return, episodic_length = episodic_return + float(reward), episodic_length + 1
             if terminated or truncated:  # the stored next_obs is the true final obs; a new episode starts
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step)
                 episodic_return, episodic_length = 0.0, 0
                 obs, _ = env.reset()
-                real_start_obs.append(obs)
+                log["start_obs"].append(raw.last_obs)
                 episode_id += 1
             else:
                 obs = next_obs
@@ -362,29 +376,32 @@ if __name__ == "__main__":
             if rb.size < args.initial_real_steps:
                 continue
 
-            if learned and since_refit >= args.real_steps_per_iteration:
-                t0 = time.time()  # a warm refit on all real data, its budget set by the new data
-                model, _ = wm.refit_world_model(model, real_transitions(), since_refit, seed=args.seed + global_step,
-                                                refit_passes=args.refit_passes, writer=writer, global_step=global_step)
+            if learns and since_refit >= args.refit_every:  # a warm refit on all real data, its budget the new data
+                run.add_dyna_round(dyna.refit(model, transitions(log, args.env_id), since_refit,
+                                              seed=args.seed + global_step, refit_passes=args.refit_passes,
+                                              writer=writer, global_step=global_step))
                 since_refit = 0
-                timings["world_model_seconds"] += time.time() - t0
-            if learned and (model_rb.size == 0 or since_rollout >= args.model_rollout_every):
+                if vector_env != "batched":  # the workers' copies are stale: new workers load the refit model
+                    imagined_envs.close()
+                    imagined_envs = make_envs()
+            if model is not None and (model_rb.size == 0 or since_rollout >= args.model_rollout_every):
                 # branched rollouts from real states; a new batch overwrites the oldest in the model buffer
                 t0 = time.time()
-                starts = rb.obs[rb.rng.integers(0, rb.size, size=num_rollout_envs)]
-                imagined = branched_rollouts(imagined_envs, explore, starts, seed=args.seed * 1_000_003 + global_step)
-                model_rb.add(imagined["obs"], imagined["actions"], imagined["rewards"], imagined["next_obs"],
-                             imagined["terminated"])
-                imagined_steps += len(imagined["obs"])
-                num_rollouts += 1
+                batched = vector_env == "batched"  # sync/async workers start from the model's data (see make_env)
+                starts = rb.obs[rb.rng.integers(0, rb.size, size=args.rollout_batch_size)] if batched else None
+                imagined = branched_rollouts(imagined_envs, explore, starts, args.seed * 1_000_003 + global_step,
+                                             args.imagined_horizon)
+                model_rb.add(*imagined.values())  # obs, actions, rewards, next_obs, terminated
+                figures["imagined_steps"] += len(imagined["obs"])
+                figures["rollout_batches"] += 1
                 since_rollout = 0
                 timings["rollout_seconds"] += time.time() - t0
                 writer.add_scalar("world_model/rollout_transitions", len(imagined["obs"]), global_step)
                 writer.add_scalar("world_model/rollout_terminated_fraction", imagined["terminated"].mean(), global_step)
-                writer.add_scalar("world_model/imagined_steps", imagined_steps, global_step)
+                writer.add_scalar("world_model/imagined_steps", figures["imagined_steps"], global_step)
 
             t0 = time.time()
-            num_real = args.batch_size if not learned else int(round(args.real_ratio * args.batch_size))
+            num_real = args.batch_size if model is None else int(round(args.real_ratio * args.batch_size))
             for _ in range(args.utd_ratio):
                 num_updates += 1
                 real_batch = rb.sample(num_real, device)
@@ -425,65 +442,39 @@ if __name__ == "__main__":
                         for net, target_net in ((qf1, qf1_target), (qf2, qf2_target)):
                             for param, target_param in zip(net.parameters(), target_net.parameters()):
                                 target_param.lerp_(param, args.tau)
+            figures["sac_updates"] = num_updates
             timings["train_seconds"] += time.time() - t0
 
+            sps = int((step + 1) / (time.time() - loop_start))
             if step % 100 == 0 and num_updates >= args.policy_frequency:
-                writer.add_scalar("losses/qf1_values", qf1_a_values.mean().item(), global_step)
-                writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
-                writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
-                writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-                writer.add_scalar("losses/qf_loss", qf_loss.item() / 2.0, global_step)
-                writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                writer.add_scalar("losses/alpha", alpha, global_step)
-                if args.autotune:
-                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-                writer.add_scalar("charts/SPS", int((step + 1) / (time.time() - loop_start)), global_step)
-                writer.add_scalar("charts/real_env_steps", real_env_steps, global_step)
+                for tag, value in {"losses/qf1_values": qf1_a_values.mean().item(),
+                                   "losses/qf2_values": qf2_a_values.mean().item(), "losses/qf1_loss": qf1_loss.item(),
+                                   "losses/qf2_loss": qf2_loss.item(), "losses/qf_loss": qf_loss.item() / 2.0,
+                                   "losses/actor_loss": actor_loss.item(), "losses/alpha": alpha,
+                                   **({"losses/alpha_loss": alpha_loss.item()} if args.autotune else {}),
+                                   "charts/SPS": sps, "charts/real_env_steps": global_step}.items():
+                    writer.add_scalar(tag, value, global_step)
 
-            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < loop_steps:
-                entry = evaluator(greedy, global_step, real_env_steps, model=model)
+            if ru.eval_due(args.eval_every, global_step, last_eval) and step + 1 < loop_steps:
+                last_eval = global_step
+                entry = evaluator(greedy, global_step, global_step)
                 print(f"[{TAG}] step {collected + step + 1}/{args.total_timesteps} real_return "
-                      f"{rl_utils.fmt(entry['real_return_mean'])} imagined_return "
-                      f"{rl_utils.fmt(entry.get('imagined_return_mean'))} gap {rl_utils.fmt(evaluator.last_gap)} "
-                      f"real_steps {real_env_steps} imagined_steps {imagined_steps} updates {num_updates} "
-                      f"SPS {int((step + 1) / (time.time() - loop_start))}", flush=True)
+                      f"{ru.fmt(entry['real_return_mean'])} imagined_return {ru.fmt(entry.get('imagined_return_mean'))}"
+                      f" gap {ru.fmt(evaluator.last_gap)} real_steps {global_step} imagined_steps "
+                      f"{figures['imagined_steps']} updates {num_updates} SPS {sps}", flush=True)
                 if args.early_stop and evaluator.solved(args.stop_after_evals):
                     print(f"[{TAG}] the mean return of {args.stop_after_evals} consecutive evaluations reached "
                           f"{target}: stopping", flush=True)
                     break
         env.close()
+        if model is not None:
+            imagined_envs.close()
 
-        # one save of the world model (with its real data, for later refits), the agent, the final evaluation
-        model_path = None
-        if learned:
-            model_path = os.path.join(run_dir, "world_model.pt")
-            wm.save_world_model(model, model_path, extra={"real_env_steps": real_env_steps}, buffer=real_transitions())
-        agent_path = os.path.join(run_dir, "agent.pt")
-        rl_utils.save_agent(agent_path, {"actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict()},
-                            args, model_path, extra={"real_env_steps": real_env_steps})
-        final = evaluator(greedy, real_env_steps, real_env_steps, model=model, final=True)
+        final = evaluator(greedy, global_step, global_step, final=True)
         if args.capture_video:
             import visualize
 
-            visualize.capture_videos(greedy, args.env_id, evaluator.episode_seed(0), run_dir, args.eval_episodes, model)
-        seen = [abs(e["real_return_mean"]) for e in evaluator.history + [final]]
-        summary = {
-            "algo": TAG, "env_id": args.env_id, "seed": args.seed, "world_model": args.world_model,
-            "world_model_path": model_path, "real_return_mean": final["real_return_mean"],
-            "real_return_std": final["real_return_std"], "real_returns": final["returns"],
-            "eval_episodes": args.eval_episodes, "real_env_steps": real_env_steps,
-            "eval_env_steps": evaluator.env_steps, "imagined_steps": imagined_steps,
-            "imagined_return_mean": final.get("imagined_return_mean"),
-            "imagined_minus_real": final.get("imagined_minus_real"),
-            "real_return_scale": reward_threshold if reward_threshold else max(seen),
-            "wall_seconds": time.time() - start_time, **timings, "eval_seconds": evaluator.seconds,
-            "sac_updates": num_updates, "rollout_batches": num_rollouts, "target_return": target,
-            "real_env_steps_to_target": evaluator.reached_at, "agent_path": agent_path, "run_dir": run_dir,
-            "eval_history": evaluator.history,
-        }
-        writer.close()
+            visualize.capture_videos(greedy, args.env_id, evaluator.episode_seed(0), run.dir, args.eval_episodes, model)
         # the gap is measured over whole imagined episodes, SAC learns from short branches: refits and the halt help
-        rl_utils.finish_run(TAG, run_dir, summary, gap_remedy="Refit the model harder (raise --refit-passes) or "
-                            "turn the halt rule on (--halt-threshold 2).")
-    finally:
-        rl_utils.remove_run_dir_without_summary(run_dir)
+        run.finish(final, gap_remedy="Refit the model harder (raise --refit-passes, lower --refit-every) or turn the "
+                   "halt rule on (--halt-threshold 2).")

@@ -1,7 +1,7 @@
 """Tests for sac_imagined.py: the soft Q target on a crafted batch, branched rollouts (real start states, horizon,
-termination), what reaches the real env and the real replay buffer in runs of the script, tiny end-to-end runs with
-and without a world model, --eval-checkpoint reproducing a run, and bad input that stops with one line and leaves no
-run dir."""
+termination), what reaches the real env, the real replay buffer and the world model's data in runs of the script,
+tiny end-to-end runs with and without a world model (batched, and in --vector-env sync workers), --eval-checkpoint
+reproducing a run, and bad input that stops with one line and leaves no run dir."""
 import json
 import os
 import runpy
@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+import ensemble
+import ensemble_imagination
+import real_env
 import sac_imagined as sac
-import world_model as wm
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sac_imagined.py")
 TINY = ["--total-timesteps", "500", "--initial-real-steps", "250", "--utd-ratio", "1", "--batch-size", "32",
-        "--hidden-size", "32", "--rollout-batch-size", "64", "--imagined-horizon", "2", "--real-steps-per-iteration",
-        "100", "--model-rollout-every", "100", "--eval-every", "125", "--eval-episodes", "2"]
+        "--hidden-size", "32", "--rollout-batch-size", "64", "--imagined-horizon", "2", "--refit-every", "100",
+        "--model-rollout-every", "100", "--eval-every", "125", "--eval-episodes", "2"]
 
 
 def _run(tmp_path, monkeypatch, flags):
@@ -40,19 +42,19 @@ def test_soft_q_target_bootstraps_truncation_but_not_termination():
 
 
 @pytest.fixture(scope="module")
-def pendulum_model():
+def pendulum_net():
     torch.set_num_threads(1)  # as the scripts do: the machine's cores are shared
-    data = wm.collect_transitions("Pendulum-v1", 300, seed=0)
-    model, _ = wm.fit_world_model(data, seed=0, max_updates=30)
-    return model, data
+    data = real_env.collect_transitions("Pendulum-v1", 300, seed=0)
+    net, _ = ensemble.fit_world_model(data, seed=0, max_updates=30)
+    return net, data
 
 
-def test_branched_rollouts_start_from_real_states_and_stop_at_the_horizon(pendulum_model):
-    model, data = pendulum_model
+def test_branched_rollouts_start_from_real_states_and_stop_at_the_horizon(pendulum_net):
+    net, data = pendulum_net
     starts = data.obs[[3, 50, 120, 7, 260]]
-    envs = wm.make_imagined_vector_env(model, len(starts), horizon=3, start="start")
+    envs = ensemble_imagination.make_imagined_vector_env(net, len(starts), horizon=3, start="start")
     out_of_bounds = lambda obs: np.full((len(obs), 1), 3.0, np.float32)  # Pendulum's bounds are [-2, 2]
-    out = sac.branched_rollouts(envs, out_of_bounds, starts, seed=0)
+    out = sac.branched_rollouts(envs, out_of_bounds, starts, seed=0, horizon=3)
     assert len(out["obs"]) == 3 * len(starts)  # no termination here: every row runs exactly its horizon
     obs, next_obs = out["obs"].reshape(3, 5, -1), out["next_obs"].reshape(3, 5, -1)
     np.testing.assert_array_equal(obs[0], starts)  # the real states, not the model's start pool
@@ -60,29 +62,42 @@ def test_branched_rollouts_start_from_real_states_and_stop_at_the_horizon(pendul
     assert not out["terminated"].any()  # the horizon is a truncation: bootstrapped
     assert (out["actions"] == 3.0).all()  # the learner keeps the sampled action; the env saw it clipped
     # a rollout that terminates (here: every step halts) stops there; the NEXT_STEP reset transition is not returned
-    halting = wm.make_imagined_vector_env(model, len(starts), horizon=3, start="start", halt=1e-9)
-    out = sac.branched_rollouts(halting, out_of_bounds, starts, seed=0)
+    halting = ensemble_imagination.make_imagined_vector_env(net, len(starts), horizon=3, start="start", halt=1e-9)
+    out = sac.branched_rollouts(halting, out_of_bounds, starts, seed=0, horizon=3)
     assert len(out["obs"]) == len(starts) and out["terminated"].all()
     np.testing.assert_array_equal(out["obs"], starts)
+    # without start states (the sync/async workers) the rows start where the envs start them
+    out = sac.branched_rollouts(envs, out_of_bounds, None, seed=0, horizon=3)
+    assert len(out["obs"]) == 3 * len(starts) and np.isin(out["obs"][:5], net.start_obs.numpy()).all()
 
 
 def test_imagined_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
     scope, summary = _run(tmp_path, monkeypatch, TINY)
-    assert summary["algo"] == "sac_imagined" and summary["world_model"] == "learned"
+    assert summary["algo"] == "sac_imagined" and summary["world_model"] == "ensemble"
+    assert summary["status"] == "finished"
     assert summary["real_env_steps"] == 500 and summary["imagined_steps"] > 0
+    assert summary["refits"] == 2 and summary["rollout_batches"] == 3 and summary["sac_updates"] == 250
+    assert summary["rollout_seconds"] > 0 and summary["world_model_seconds"] > 0
     assert summary["imagined_minus_real"] is not None and len(summary["eval_history"]) == 1
     assert os.path.isfile(summary["world_model_path"]) and os.path.isfile(summary["agent_path"])
     # the real replay buffer: Pendulum only truncates, and a truncation is stored as not terminated, with its true
     # final observation (the next row starts the next episode from a reset observation)
-    rb, truncated, episode_ids = scope["rb"], scope["real_truncated"][:500], scope["real_episode_ids"][:500]
-    assert rb.size == 500 and truncated.sum() >= 2 and not rb.terminated[:500].any()
+    rb, log = scope["rb"], scope["log"]
+    truncated, episode_ids = np.asarray(log["truncated"]), np.asarray(log["episode_ids"])
+    assert rb.size == 500 and len(truncated) == 500 and truncated.sum() >= 2 and not rb.terminated[:500].any()
     new_episode = episode_ids[1:] != episode_ids[:-1]  # also where the world model's random data was cut off
     assert new_episode[truncated[:-1]].all()
     for row in np.flatnonzero(new_episode):
         assert not np.allclose(rb.next_obs[row], rb.obs[row + 1])
     np.testing.assert_array_equal(rb.next_obs[:499][~new_episode], rb.obs[1:500][~new_episode])
-    saved = wm.load_world_model(summary["world_model_path"])
+    # the ensemble sees the raw observations: the model's data and SAC's replay hold the same transitions
+    np.testing.assert_array_equal(np.asarray(log["obs"]), rb.obs[:500])
+    np.testing.assert_array_equal(np.asarray(log["next_obs"]), rb.next_obs[:500])
+    assert len(log["start_obs"]) == len(np.unique(episode_ids))
+    # the saved model carries every real transition, those after its last refit too
+    saved = ensemble.load_world_model(summary["world_model_path"])
     assert len(saved.buffer) == 500 and saved.extra["real_env_steps"] == 500
+    np.testing.assert_array_equal(saved.buffer.obs, rb.obs[:500])
     # --eval-checkpoint replays the run's own final evaluation
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", [SCRIPT, "--eval-checkpoint", summary["agent_path"]])
@@ -90,6 +105,24 @@ def test_imagined_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, caps
         runpy.run_path(SCRIPT, run_name="__main__")
     assert exit_info.value.code == 0
     assert f"real return {summary['real_return_mean']:.1f} " in capsys.readouterr().out
+
+
+def test_sync_workers_load_the_saved_model_and_are_rebuilt_after_each_refit(tmp_path, monkeypatch):
+    """--vector-env sync: the make_env thunks load the run's world_model.pt; after a refit it is saved again and new
+    workers load it."""
+    loaded = []
+    original_load = ensemble.EnsembleModel.load
+
+    def counting_load(self, path):
+        loaded.append(path)
+        return original_load(self, path)
+
+    monkeypatch.setattr(ensemble.EnsembleModel, "load", counting_load)
+    _, summary = _run(tmp_path, monkeypatch, [*TINY, "--vector-env", "sync", "--rollout-batch-size", "4"])
+    assert summary["status"] == "finished" and summary["refits"] == 2
+    assert summary["imagined_steps"] > 0 and summary["rollout_batches"] == 3
+    assert len(loaded) >= 3 * 4  # 4 workers built after the first fit and after each of the 2 refits
+    assert {os.path.basename(p) for p in loaded} == {"world_model.pt"}
 
 
 class _ProbeEnv(gym.Wrapper):
@@ -111,7 +144,7 @@ def test_model_free_run_never_sends_an_action_outside_the_bounds(tmp_path, monke
         *TINY, "--env-id", "SacProbePendulum-v0", "--world-model", "none", "--total-timesteps", "300"])
     assert summary["world_model"] == "none" and "_model_free" in summary["run_dir"]
     assert summary["imagined_steps"] == 0 and summary["imagined_minus_real"] is None
-    assert summary["real_env_steps"] == 300
+    assert summary["real_env_steps"] == 300 and summary["world_model_path"] is None
     received = np.concatenate(_ProbeEnv.received)
     assert len(received) >= 300 and np.abs(received).max() <= 2.0
     assert np.abs(scope["rb"].actions[:250]).max() > 2.0  # the random actions were out of bounds, stored as sampled
@@ -120,7 +153,9 @@ def test_model_free_run_never_sends_an_action_outside_the_bounds(tmp_path, monke
 @pytest.mark.parametrize("flags, expected", [
     (["--env-id", "CartPole-v1"], "ppo_imagined.py or dqn_imagined.py"),
     (["--world-model-path", "no_such_world_model.pt"], "--world-model-path"),
+    (["--world-model", "learned"], "--world-model"),
     (["--refit-passes", "0"], "--refit-passes"),
+    (["--refit-every", "0"], "--refit-every"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
     result = subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,
