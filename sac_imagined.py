@@ -59,16 +59,15 @@ class Args:
     world_model_path: Optional[str] = None
     """A world-model checkpoint to start from (train_world_model.py or an earlier run; None: fit one here)."""
     vector_env: Literal["auto", "batched", "sync", "async"] = "auto"
-    """How the branched rollouts are stepped: `batched` (one model call steps all; `auto` picks it where the model
-    offers it), or `sync` / `async`: Sync/AsyncVectorEnv of --rollout-batch-size single imagined envs, each thunk
-    loading its own copy of the model (for models that only offer a single env: lower --rollout-batch-size then)."""
+    """How branched rollouts are stepped: `batched` (one model call for all; `auto` where offered), or `sync`/`async`
+    workers of make_env thunks, each loading its own model (single-env models: lower --rollout-batch-size then)."""
     initial_real_steps: int = 1000
     """The real steps with uniform random actions before SAC acts and learns (with a model: its first fit's data)."""
     refit_every: int = 250
     """The world model is refit (warm, budgeted) on all real data after every this many new real steps."""
     refit_passes: int = 200
-    """A refit's budget: at most the minibatch updates of this many passes over the new real data (early stopping
-    on top). PPO's 20 is too few for SAC (HalfCheetah-v5 seed 1: -61.8 after 20,000 real steps; 2,453 with 200)."""
+    """A refit's budget: the minibatch updates of this many passes over the new real data (early stopping on top);
+    PPO's 20 is too few for SAC (HalfCheetah-v5 seed 1: -61.8 after 20,000 real steps, 2,453 with 200)."""
     model_rollout_every: int = 250
     """A new batch of branched rollouts is imagined after every this many real steps."""
     rollout_batch_size: int = 10000
@@ -151,8 +150,7 @@ class SoftQNetwork(nn.Module):
         return self.fc3(x).view(-1)
 
 
-LOG_STD_MAX = 2
-LOG_STD_MIN = -5
+LOG_STD_MAX, LOG_STD_MIN = 2, -5
 
 
 class Actor(nn.Module):
@@ -190,8 +188,7 @@ class Actor(nn.Module):
 
 
 def soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha, gamma):
-    """The soft Bellman target r + gamma * (1 - terminated) * (min Q'(s', a') - alpha * log pi(a'|s')). Only a
-    termination cuts the bootstrap: a time-limit or rollout-horizon truncation is stored as not terminated."""
+    """r + gamma (1 - terminated) (min Q'(s',a') - alpha log pi(a'|s')): a truncation is stored as not terminated."""
     next_v = torch.min(next_q1, next_q2) - alpha * next_log_prob
     return rewards + gamma * (1.0 - terminated) * next_v
 
@@ -248,8 +245,8 @@ def evaluate_checkpoint(path):
     """Rebuilds a saved actor (and its run's world model) and replays its run's final evaluation."""
     payload = ru.load_agent(path)
     model = dyna.agent_world_model(payload, path)
-    obs_space, act_space, _ = ru.real_env_spaces(payload["args"]["env_id"], f"{TAG}.py", actions=("Box",))
-    obs_space = model.observation_space if model is not None else obs_space
+    real_obs_space, act_space, _ = ru.real_env_spaces(payload["args"]["env_id"], f"{TAG}.py", actions=("Box",))
+    obs_space = model.observation_space if model is not None else real_obs_space
     actor = Actor(obs_space.shape[0], act_space, payload["args"]["hidden_size"])
     actor.load_state_dict(payload["state_dicts"]["actor"])
     return dyna.replay_final_evaluation(TAG, path, policy_fn(actor, "cpu", True), model)
@@ -276,6 +273,8 @@ def check_args(args):
                           args.total_timesteps, "The first ones are random steps for the world model.")
     obs_space = ru.check_policy_observations(model.observation_space if model is not None else real_obs_space,
                                              f"{TAG}.py", args.env_id, args.world_model)
+    # the updates cost most of a run (Pendulum's defaults: ~200 s on a quiet 2-core CPU): say so before they start
+    print(f"[{TAG}] {args.total_timesteps * args.utd_ratio:,} SAC updates: minutes on a CPU", flush=True)
     return device, model, obs_space, act_space, reward_threshold, fits_here
 
 
@@ -461,7 +460,8 @@ if __name__ == "__main__":
                 print(f"[{TAG}] step {collected + step + 1}/{args.total_timesteps} real_return "
                       f"{ru.fmt(entry['real_return_mean'])} imagined_return {ru.fmt(entry.get('imagined_return_mean'))}"
                       f" gap {ru.fmt(evaluator.last_gap)} real_steps {global_step} imagined_steps "
-                      f"{figures['imagined_steps']} updates {num_updates} SPS {sps}", flush=True)
+                      f"{figures['imagined_steps']} updates {num_updates} SPS {sps} "
+                      f"left {int((loop_steps - step - 1) / max(sps, 1))}s", flush=True)
                 if args.early_stop and evaluator.solved(args.stop_after_evals):
                     print(f"[{TAG}] the mean return of {args.stop_after_evals} consecutive evaluations reached "
                           f"{target}: stopping", flush=True)
