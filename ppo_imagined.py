@@ -178,8 +178,14 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("var", torch.ones(shape))
         self.register_buffer("count", torch.tensor(1e-4))
 
-    def update(self, x):
-        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+    def update(self, x, mask=None):
+        """mask (rows,) of 0/1 for 1-D x: only those rows count, with no host sync (no rows: nothing changes)."""
+        if mask is None:
+            batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        else:
+            n = mask.sum()
+            batch_mean = (x * mask).sum() / n.clamp(min=1.0)
+            batch_var = ((x - batch_mean) ** 2 * mask).sum() / n.clamp(min=1.0)
         delta, total = batch_mean - self.mean, self.count + n
         self.mean += delta * n / total
         self.var.copy_((self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total)
@@ -334,10 +340,10 @@ if __name__ == "__main__":
                                                    model)
         writer, figures = run.writer, run.figures
 
-        # rollout storage; valid: 0 for NEXT_STEP reset steps, bootstrap: V(final obs) at truncated steps
+        # rollout storage; valid: 0 for NEXT_STEP reset steps, truncs: 1 where a step truncated (not terminated)
         obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, device=device)
         actions = torch.zeros((args.num_steps, args.num_envs) + action_space.shape, device=device)
-        logprobs, rewards, dones, valid, bootstrap, values = (
+        logprobs, rewards, dones, valid, truncs, values = (
             torch.zeros((args.num_steps, args.num_envs), device=device) for _ in range(6))
 
         global_step, dyna_rounds, last_eval = 0, 0, 0
@@ -345,15 +351,18 @@ if __name__ == "__main__":
         next_obs, _ = envs.reset(seed=args.seed)
         next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
         next_done = torch.zeros(args.num_envs, device=device)  # the row finished: its next step is a reset step
-        ep_return, ep_length, disc_return = (torch.zeros(args.num_envs, device=device) for _ in range(3))
+        disc_return = torch.zeros(args.num_envs, device=device)
+        # per row: the running episode (return, length, 1) and the episodes finished in this iteration (their sums)
+        episode, finished = (torch.zeros((3, args.num_envs), device=device) for _ in range(2))
+        episode[2] = 1.0
         train_return = float("nan")
         for iteration in range(1, num_iterations + 1):
             t_iter = time.time()
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
-            finished = []
-            for step in range(args.num_steps):
+            finished.zero_()
+            for step in range(args.num_steps):  # no host sync in here: flags and statistics stay tensors
                 global_step += args.num_envs
                 obs[step] = next_obs
                 valid[step] = 1.0 - next_done  # NEXT_STEP: this step of a finished row only resets it
@@ -368,33 +377,31 @@ if __name__ == "__main__":
                 terminated = torch.as_tensor(terminated, device=device).bool()
                 truncated = torch.as_tensor(truncated, device=device).bool() & ~terminated
                 next_done = (terminated | truncated).float()
-                dones[step] = next_done
-                bootstrap[step] = 0.0
-                if truncated.any():  # NEXT_STEP returns the final obs at the truncating step: bootstrap from it
-                    with torch.no_grad():
-                        bootstrap[step] = torch.where(truncated, agent.get_value(next_obs).flatten(), 0.0)
-                rewards[step] = reward
+                dones[step], truncs[step], rewards[step] = next_done, truncated.float(), reward
                 if args.norm_reward:  # divide by the running std of the discounted return (per row, reset at done)
                     disc_return = disc_return * args.gamma + reward
-                    if valid[step].any():
-                        return_rms.update(disc_return[valid[step].bool()])
+                    return_rms.update(disc_return, mask=valid[step])
                     disc_return = disc_return * (1.0 - next_done)
                     rewards[step] = reward / torch.sqrt(return_rms.var + 1e-8)
-                ep_return += reward * valid[step]
-                ep_length += valid[step]
-                for i in next_done.nonzero().flatten().tolist():
-                    finished.append(ep_return[i].item())
-                    writer.add_scalar("charts/episodic_return", ep_return[i].item(), global_step)
-                    writer.add_scalar("charts/episodic_length", ep_length[i].item(), global_step)
-                ep_return *= 1.0 - next_done
-                ep_length *= 1.0 - next_done
-            transitions = int(valid.sum().item())  # the reset steps are no transitions of the MDP
-            figures["imagined_steps" if model is not None else "real_env_steps"] += transitions
+                episode[0] += reward * valid[step]
+                episode[1] += valid[step]
+                finished.addcmul_(episode, next_done)  # on the device: logged once per iteration
+                episode[:2] *= 1.0 - next_done
+            # one transfer per iteration: the MDP's transitions (reset steps are none) and the finished episodes
+            transitions, ep_sum, len_sum, episodes = torch.cat((valid.sum(dtype=torch.float64)[None],
+                                                                 finished.sum(1, dtype=torch.float64))).tolist()
+            figures["imagined_steps" if model is not None else "real_env_steps"] += int(transitions)
             figures["global_step"], figures["ppo_iterations"] = global_step, iteration
-            train_return = float(np.mean(finished)) if finished else train_return
+            if episodes:
+                train_return = ep_sum / episodes
+                writer.add_scalar("charts/episodic_return", train_return, global_step)
+                writer.add_scalar("charts/episodic_length", len_sum / episodes, global_step)
 
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).flatten()
+            # NEXT_STEP returns the final obs at the truncating step and the next step acts on it: its value is
+            # the next step's value (next_value after the last step), V(final obs) without another forward
+            bootstrap = torch.where(truncs.bool(), torch.cat((values[1:], next_value[None])), 0.0)
             advantages, returns = gae(rewards, values, bootstrap, dones, valid, next_value, args.gamma,
                                       args.gae_lambda)
 
