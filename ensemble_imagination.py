@@ -78,15 +78,18 @@ class Imagination:
     A penalty that ends the episode (LunarLander's crash) counts once: counted forever it would swamp the value
     targets (-10,000 instead of about -300). 0 turns it off.
     sample_noise: sample each member's Gaussian instead of using its mean.
+    disagreement: False skips the members a row did not choose when the halt rule is off (halt 0): the step is
+    then about ensemble_size x cheaper and info carries no "disagreement".
     Each row uses a random member per step (MBPO-style), drawn from a per-row random state seeded by its reset
     seed, so a row's trajectory depends only on its seed and its actions (batched and single envs agree)."""
 
-    def __init__(self, start="start", halt=0.0, gamma=0.99, sample_noise=False):
+    def __init__(self, start="start", halt=0.0, gamma=0.99, sample_noise=False, disagreement=True):
         if start not in ("start", "buffer"):
             raise ValueError(f"imagined start must be 'start' or 'buffer', got {start!r}")
         if not (isinstance(halt, (int, float)) and halt >= 0):
             raise ValueError(f"halt must be a number >= 0 (0 turns the halt rule off), got {halt!r}")
         self.start, self.halt, self.gamma, self.sample_noise = start, float(halt), float(gamma), bool(sample_noise)
+        self.disagreement = bool(disagreement) or self.halt > 0  # the halt rule needs it
 
     def batched_reset_fn(self, model, seed=None, options=None):
         """One row per seed; torch tensors on model.device.
@@ -121,9 +124,10 @@ class Imagination:
                 s, u = _draw_uniform(s, 2 * model.out_dim)
                 u1, u2 = u[:, : model.out_dim], u[:, model.out_dim:]
                 noise = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)  # Box-Muller
-            next_obs, reward, logit, disagreement = model.predict(state["obs"], action, members=member, noise=noise)
+            next_obs, reward, logit, disagreement = model.predict(state["obs"], action, members=member, noise=noise,
+                                                                  disagreement=self.disagreement)
         terminated = logit > 0.0  # sigmoid(logit) > 0.5
-        info = {"disagreement": disagreement}
+        info = {"disagreement": disagreement} if self.disagreement else {}
         if self.halt > 0:
             halted = disagreement > self.halt * model.disagreement_ref
             floor = model.reward_min.clamp(max=0.0) / (1.0 - self.gamma) + model.terminal_reward_min.clamp(max=0.0)
@@ -150,20 +154,23 @@ class Imagination:
                 "info": {k: v[0].item() for k, v in out["info"].items()}}
 
 
-def make_imagined_env(model, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99, sample_noise=False):
+def make_imagined_env(model, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99, sample_noise=False,
+                      disagreement=True):
     """A single `WorldModelEnv` (NumPy) driven by `model`, with the real env's spaces. horizon: the imagined time
-    limit (a truncation; default the real env's); start / halt / gamma / sample_noise: see `Imagination`."""
-    im = Imagination(start, halt, gamma, sample_noise)
+    limit (a truncation; default the real env's); start / halt / gamma / sample_noise / disagreement: see
+    `Imagination`."""
+    im = Imagination(start, halt, gamma, sample_noise, disagreement)
     return WorldModelEnv(model, observation_space=model.observation_space, action_space=model.action_space,
                          reset_fn=im.reset_fn, transition_fn=im.transition_fn,
                          max_episode_steps=model.max_episode_steps if horizon is None else horizon, seed=seed)
 
 
 def make_imagined_vector_env(model, num_envs, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99,
-                             sample_noise=False, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, output="numpy"):
+                             sample_noise=False, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, output="numpy",
+                             disagreement=True):
     """A natively batched `WorldModelVectorEnv`: one model forward steps all `num_envs` imagined envs.
     output="torch" keeps observations, rewards and flags on model.device (no host copies)."""
-    im = Imagination(start, halt, gamma, sample_noise)
+    im = Imagination(start, halt, gamma, sample_noise, disagreement)
     return WorldModelVectorEnv(model, observation_space=model.observation_space, action_space=model.action_space,
                                reset_fn=im.batched_reset_fn, transition_fn=im.batched_transition_fn,
                                num_envs=num_envs, max_episode_steps=model.max_episode_steps if horizon is None else horizon,
