@@ -17,14 +17,15 @@ sys.path.insert(0, str(ROOT))
 
 import benchmark  # noqa: E402
 
-HEADLINE_KEYS = ("batched_vs_raw_256", "batched_vs_sync_256", "single_vs_raw_toy")
+HEADLINE_KEYS = ("batched_vs_raw_256", "batched_vs_sync_256", "single_vs_raw_toy", "reset_65536_s")
+SCALE_KEYS = ("raw", "raw_member", "env", "env_vs_raw", "rollout", "reset_s", "e2e_ppo")
 
 
 def test_benchmark_cli_writes_headline_json(tmp_path):
     out = tmp_path / "bench.json"
     # Tiny settings: one short measurement per variant; Async only at N=1 (one spawned worker).
     cmd = [sys.executable, "benchmark.py", "--quick", "--sizes", "1", "256", "--repeats", "1", "--min-time", "0.01",
-           "--json", str(out)]
+           "--scale-sizes", "256", "--e2e-sizes", "256", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     data = json.loads(out.read_text())
@@ -37,15 +38,31 @@ def test_benchmark_cli_writes_headline_json(tmp_path):
             assert isinstance(rate, float) and math.isfinite(rate) and rate > 0, (n, variant, rate)
     assert data["steps_per_second"]["1"]["async"] > 0
     assert data["steps_per_second"]["256"]["async"].startswith("n/a")
+    # the scale table (issue 20): the reference ensemble on the CPU, every figure a key
+    scale = data["scale"]
+    assert scale["device"] == "cpu" and scale["reset_65536_s"] == data["reset_65536_s"]
+    cell = scale["steps_per_second"]["cartpole"]["256"]
+    for key in SCALE_KEYS:
+        assert isinstance(cell[key], float) and math.isfinite(cell[key]) and cell[key] > 0, (key, cell[key])
+    assert "| model | N | raw step |" in proc.stdout
     # the markdown table and the verdict lines are printed
     assert "| N | raw model calls |" in proc.stdout
     for key in HEADLINE_KEYS:
         assert key in proc.stdout
 
 
+def test_cuda_without_a_gpu_is_one_clear_line():
+    if torch.cuda.is_available():
+        return
+    proc = subprocess.run([sys.executable, "benchmark.py", "--device", "cuda"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "--device cuda needs a CUDA GPU" in proc.stderr
+
+
 def test_bad_settings_are_clear_errors():
     for field, value, message in (
         ("sizes", (0, 16), "--sizes expected one or more env counts >= 1, got (0, 16)"),
+        ("scale_sizes", (0,), "--scale-sizes expected env counts >= 1, got (0,)"),
         ("repeats", 0, "--repeats expected an integer >= 1, got 0"),
         ("sync_max_envs", 16, "--sync-max-envs expected >= 256"),
     ):
