@@ -120,6 +120,7 @@ def initial_data(model, args, run, log, until_termination_policy=None):
                                                  policy=until_termination_policy))
         log(f"no random episode terminated: {args.initial_real_steps} more steps with the exploration policy, "
             f"{int(data.terminated.sum())} termination(s)")
+    run.figures["real_env_steps"] = len(data)  # counted before the fit: an interrupted fit's summary has them too
     metrics = model.fit(data, seed=args.seed, writer=run.writer, global_step=0)
     run.model_fitted = True
     log(f"world model fitted on {len(data)} transitions in {metrics.get('seconds', time.time() - t0):.1f}s")

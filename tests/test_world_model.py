@@ -420,7 +420,7 @@ def test_initial_data_without_a_termination_gets_more_from_the_exploration_polic
 
     def initial_data(env_id):
         args = types.SimpleNamespace(env_id=env_id, world_model_path=None, initial_real_steps=100, seed=0)
-        run = types.SimpleNamespace(writer=None, timings={"world_model_seconds": 0.0}, model_fitted=False)
+        run = types.SimpleNamespace(writer=None, timings={"world_model_seconds": 0.0}, model_fitted=False, figures={})
         data, steps = dyna.initial_data(ensemble.EnsembleModel(env_id), args, run, log=lambda m: None,
                                         until_termination_policy=explore)
         assert run.model_fitted
