@@ -5,6 +5,7 @@
 #   python ppo_imagined.py --world-model-path runs/<wm_run>/world_model.pt   # start from an existing world model
 #   python ppo_imagined.py --world-model none                # model-free baseline: the same PPO in the real env
 #   python ppo_imagined.py --eval-checkpoint runs/<run>/agent.pt             # replay a saved agent's final evaluation
+#   torchrun --nproc_per_node 2 ppo_imagined.py --num-envs 64   # data-parallel: 2 processes of 32 envs (distributed.py)
 #
 # Loop: fit an ensemble world model on random real transitions (or load one), then PPO in a batched imagined vector
 # env, split evenly around --real-iterations Dyna rounds (real data from the current stochastic policy + a warm refit).
@@ -26,6 +27,7 @@ from torch.distributions.categorical import Categorical
 from torch.distributions.normal import Normal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import distributed  # noqa: E402
 import dyna  # noqa: E402
 import real_env  # noqa: E402
 import rl_utils as ru  # noqa: E402
@@ -82,7 +84,7 @@ class Args:
     learning_rate: Optional[float] = None
     """The learning rate of the optimizer (None: 2.5e-4 for Discrete actions and 3e-4 for Box actions)."""
     num_envs: int = 32
-    """The number of parallel environments."""
+    """The number of parallel environments (under torchrun: in all, split evenly among the processes)."""
     num_steps: int = 128
     """The number of steps to run in each environment per policy rollout."""
     anneal_lr: bool = True
@@ -181,11 +183,12 @@ class RunningMeanStd(nn.Module):
     def update(self, x, mask=None):
         """mask (rows,) of 0/1 for 1-D x: only those rows count, with no host sync (no rows: nothing changes)."""
         if mask is None:
-            batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
-        else:
-            n = mask.sum()
-            batch_mean = (x * mask).sum() / n.clamp(min=1.0)
-            batch_var = ((x - batch_mean) ** 2 * mask).sum() / n.clamp(min=1.0)
+            return self.update_moments(x.mean(0), x.var(0, unbiased=False), x.shape[0])
+        n = mask.sum()
+        batch_mean = (x * mask).sum() / n.clamp(min=1.0)
+        self.update_moments(batch_mean, ((x - batch_mean) ** 2 * mask).sum() / n.clamp(min=1.0), n)
+
+    def update_moments(self, batch_mean, batch_var, n):
         delta, total = batch_mean - self.mean, self.count + n
         self.mean += delta * n / total
         self.var.copy_((self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total)
@@ -273,7 +276,12 @@ def gae(rewards, values, bootstrap, dones, valid, next_value, gamma, gae_lambda)
     return advantages, advantages + values
 
 
-def check_args(args, model):
+def explained_variance(y_pred, y_true):
+    y_pred, y_true = y_pred.cpu().numpy(), y_true.cpu().numpy()
+    return np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
+
+
+def check_args(args, model, ddp):
     """Every bad flag stops here with one line, before a run dir exists; fills in the action-space defaults.
     Returns (action_space, target return)."""
     _, action_space, reward_threshold = ru.real_env_spaces(args.env_id, "ppo_imagined.py")
@@ -296,6 +304,7 @@ def check_args(args, model):
     learns = model is not None and getattr(model, "learns", True)
     if learns and args.world_model_path is None and args.initial_real_steps < 2:
         raise ru.ArgError("--initial-real-steps", "at least 2 transitions to fit a model on", args.initial_real_steps)
+    ddp.check_args(args, model)  # torchrun's
     return action_space, target
 
 
@@ -317,43 +326,44 @@ if __name__ == "__main__":
         sys.exit(0)
 
     # checks: every bad flag stops here with one line, before a run dir exists
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    model = dyna.model_from_args(args, device)  # None for --world-model none; loads --world-model-path
-    action_space, target = check_args(args, model)
+    ddp = distributed.DataParallel(args.cuda)  # under torchrun: this rank; else one rank of one, doing nothing
+    model = dyna.model_from_args(args, ddp.device)  # None for --world-model none; loads --world-model-path
+    action_space, target = check_args(args, model, ddp)
     vector_env = dyna.vector_env_kind(args, model)
     num_iterations = max(1, args.total_timesteps // (args.num_envs * args.num_steps))
-    ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
+    ru.seed_everything(args.seed + ddp.rank, args.num_threads, args.torch_deterministic)
+    local, device, log = ddp.rank_args(args), ddp.device, ddp.print  # local: this rank's share of the envs
 
-    run = ru.Run(args, "ppo_imagined", model_free=model is None)
+    run = ru.Run(args, "ppo_imagined", model_free=model is None) if ddp.leader else distributed.Follower()
     nets = {}  # what the run saves (finished, interrupted or failed): the agent once it exists, and the model
     run.checkpoint = lambda: dyna.save_checkpoints(run, args, model, nets)
     with run:
-        data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print("[ppo]", s))
-
-        envs = dyna.make_envs(args, model, run, vector_env, device, make_env)
+        data, run.figures["real_env_steps"] = ddp.initial_data(model, args, run, log=lambda s: print("[ppo]", s))
+        envs = dyna.make_envs(local, model, run, vector_env, device, make_env)
         obs_space = ru.check_policy_observations(envs.single_observation_space, "ppo_imagined.py", args.env_id,
                                                  args.world_model)
         agent = nets["agent"] = Agent(obs_space.shape[0], action_space, norm_obs=args.norm_obs).to(device)
+        ddp.broadcast_module(agent)  # rank 0's initial weights everywhere
         optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
         return_rms = RunningMeanStd().to(device)  # for --norm-reward
         evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, run.writer, target,
-                                                   model)
+                                                   model) if ddp.leader else run.evaluator  # rank 0 judges
         writer, figures = run.writer, run.figures
 
         # rollout storage; valid: 0 for NEXT_STEP reset steps, truncs: 1 where a step truncated (not terminated)
-        obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, device=device)
-        actions = torch.zeros((args.num_steps, args.num_envs) + action_space.shape, device=device)
+        obs = torch.zeros((args.num_steps, local.num_envs) + obs_space.shape, device=device)
+        actions = torch.zeros((args.num_steps, local.num_envs) + action_space.shape, device=device)
         logprobs, rewards, dones, valid, truncs, values = (
-            torch.zeros((args.num_steps, args.num_envs), device=device) for _ in range(6))
+            torch.zeros((args.num_steps, local.num_envs), device=device) for _ in range(6))
 
         global_step, dyna_rounds, last_eval = 0, 0, 0
         dyna_every = max(1, num_iterations // (args.real_iterations + 1))
-        next_obs, _ = envs.reset(seed=args.seed)
+        next_obs, _ = envs.reset(seed=local.seed)
         next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-        next_done = torch.zeros(args.num_envs, device=device)  # the row finished: its next step is a reset step
-        disc_return = torch.zeros(args.num_envs, device=device)
+        next_done = torch.zeros(local.num_envs, device=device)  # the row finished: its next step is a reset step
+        disc_return = torch.zeros(local.num_envs, device=device)
         # per row: the running episode (return, length, 1) and the episodes finished in this iteration (their sums)
-        episode, finished = (torch.zeros((3, args.num_envs), device=device) for _ in range(2))
+        episode, finished = (torch.zeros((3, local.num_envs), device=device) for _ in range(2))
         episode[2] = 1.0
         train_return = float("nan")
         for iteration in range(1, num_iterations + 1):
@@ -388,8 +398,8 @@ if __name__ == "__main__":
                 finished.addcmul_(episode, next_done)  # on the device: logged once per iteration
                 episode[:2] *= 1.0 - next_done
             # one transfer per iteration: the MDP's transitions (reset steps are none) and the finished episodes
-            transitions, ep_sum, len_sum, episodes = torch.cat((valid.sum(dtype=torch.float64)[None],
-                                                                 finished.sum(1, dtype=torch.float64))).tolist()
+            stats = torch.cat((valid.sum(dtype=torch.float64)[None], finished.sum(1, dtype=torch.float64)))
+            transitions, ep_sum, len_sum, episodes = ddp.sum(stats).tolist()  # every rank's
             figures["imagined_steps" if model is not None else "real_env_steps"] += int(transitions)
             figures["global_step"], figures["ppo_iterations"] = global_step, iteration
             if episodes:
@@ -417,8 +427,7 @@ if __name__ == "__main__":
             clipfracs = []
             for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
-                for start in range(0, len(b_inds) - minibatch_size + 1, minibatch_size):
-                    mb_inds = b_inds[start:start + minibatch_size]
+                for mb_inds in np.resize(b_inds, (args.num_minibatches, minibatch_size)):  # as many on every rank
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                         b_obs[mb_inds], b_actions[mb_inds] if agent.continuous else b_actions[mb_inds].long())
                     logratio = newlogprob - b_logprobs[mb_inds]
@@ -449,64 +458,63 @@ if __name__ == "__main__":
                     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                     optimizer.zero_grad()
                     loss.backward()
+                    ddp.average_gradients(agent)  # the same step on every rank: the weights stay the same
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                     optimizer.step()
-                if args.target_kl is not None and approx_kl > args.target_kl:
+                if args.target_kl is not None and ddp.mean(approx_kl) > args.target_kl:
                     break
             if args.norm_obs:  # after the update, so a rollout and its update see the same statistics
-                agent.obs_rms.update(b_obs)
+                agent.obs_rms.update_moments(*ddp.batch_moments(b_obs))  # over every rank's batch
             run.timings["train_seconds"] += time.time() - t_iter
 
-            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-            var_y = np.var(y_true)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
             sps = int(global_step / run.timings["train_seconds"])
             for tag, value in {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
                                "losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
                                "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": old_approx_kl.item(),
                                "losses/approx_kl": approx_kl.item(), "losses/clipfrac": np.mean(clipfracs),
-                               "losses/explained_variance": explained_var,
+                               "losses/explained_variance": explained_variance(b_values, b_returns),
                                "charts/real_env_steps": figures["real_env_steps"]}.items():
                 writer.add_scalar(tag, value, global_step)
 
-            stop = False
             if ru.eval_due(args.eval_every, global_step, last_eval):
                 last_eval = global_step
                 evaluator(numpy_policy(agent, device), global_step, figures["real_env_steps"])
-                stop = args.early_stop and evaluator.solved(args.stop_after_evals)
-            print(f"[ppo] iter {iteration}/{num_iterations} step {global_step} "
-                  f"{'imagined_return' if model is not None else 'train_return'} {ru.fmt(train_return)} "
-                  f"real_return {ru.fmt(evaluator.last_real)} real_steps {figures['real_env_steps']} "
-                  + (f"gap {ru.fmt(evaluator.last_gap)} " if model is not None else "") + f"SPS {sps}", flush=True)
+            stop = ddp.agree(args.early_stop and evaluator.solved(args.stop_after_evals))  # rank 0's, for all
+            log(f"[ppo] iter {iteration}/{num_iterations} step {global_step} "
+                f"{'imagined_return' if model is not None else 'train_return'} {ru.fmt(train_return)} "
+                f"real_return {ru.fmt(evaluator.last_real)} real_steps {figures['real_env_steps']} "
+                + (f"gap {ru.fmt(evaluator.last_gap)} " if model is not None else "") + f"SPS {sps}", flush=True)
             if stop:
-                print(f"[ppo] the mean return of {args.stop_after_evals} consecutive evaluations reached {target}: "
-                      "stopping")
+                log(f"[ppo] the mean return of {args.stop_after_evals} consecutive evaluations reached {target}: "
+                    "stopping")
                 break
 
             # Dyna: real data from the current stochastic policy, then a warm refit (used from the envs' next step)
             if (model is not None and getattr(model, "learns", True) and dyna_rounds < args.real_iterations and args.real_steps_per_iteration > 0
                     and iteration % dyna_every == 0 and iteration < num_iterations):
                 dyna_rounds += 1
-                data, metrics = dyna.dyna_round(
-                    model, data, args.env_id, numpy_policy(agent, device, deterministic=False),
-                    args.real_steps_per_iteration, seed=args.seed + 1000 * dyna_rounds,
-                    refit_passes=args.refit_passes, writer=writer, global_step=global_step)
-                run.add_dyna_round(metrics)
-                print(f"[ppo] dyna round {dyna_rounds}/{args.real_iterations}: +{metrics['new_real_steps']} real steps "
-                      f"(total {figures['real_env_steps']}), world model refitted on {len(data)} transitions in "
-                      f"{metrics['seconds']:.1f}s", flush=True)
-                if vector_env != "batched":  # the workers' copies are stale: new workers load the refit model
+                if ddp.leader:  # rank 0 collects and refits, then shares the model
+                    data, metrics = dyna.dyna_round(
+                        model, data, args.env_id, numpy_policy(agent, device, deterministic=False),
+                        args.real_steps_per_iteration, seed=args.seed + 1000 * dyna_rounds,
+                        refit_passes=args.refit_passes, writer=writer, global_step=global_step)
+                    run.add_dyna_round(metrics)
+                    log(f"[ppo] dyna round {dyna_rounds}/{args.real_iterations}: +{metrics['new_real_steps']} real "
+                        f"steps (total {figures['real_env_steps']}), world model refitted on {len(data)} transitions "
+                        f"in {metrics['seconds']:.1f}s", flush=True)
+                if ddp.share_world_model(model) or vector_env != "batched":  # stale model copies: new envs
                     envs.close()
-                    envs = dyna.make_envs(args, model, run, vector_env, device, make_env)
-                    next_obs = torch.as_tensor(envs.reset(seed=args.seed + iteration)[0], dtype=torch.float32,
+                    envs = dyna.make_envs(local, model, run, vector_env, device, make_env)
+                    next_obs = torch.as_tensor(envs.reset(seed=local.seed + iteration)[0], dtype=torch.float32,
                                                device=device)
-                    next_done = torch.zeros(args.num_envs, device=device)
+                    next_done = torch.zeros(local.num_envs, device=device)
         envs.close()
 
         final = evaluator(numpy_policy(agent, device), global_step, figures["real_env_steps"], final=True)
-        if args.capture_video:
+        if args.capture_video and ddp.leader:
             import visualize
 
             visualize.capture_videos(numpy_policy(agent, device), args.env_id, evaluator.episode_seed(0), run.dir,
                                      args.eval_episodes, model)
         run.finish(final)
+    ddp.close()

@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 import ensemble  # noqa: E402
 import ensemble_imagination  # noqa: E402
 import real_env  # noqa: E402
-from ppo_imagined import RunningMeanStd  # noqa: E402
+from ppo_imagined import Args, RunningMeanStd  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -99,3 +99,94 @@ def test_imagination_without_disagreement_drops_it_from_info(cartpole_net):
         assert "disagreement" not in ia and ib["disagreement"].shape == (300,)
     # the halt rule needs the disagreement: asked for anyway
     assert ensemble_imagination.Imagination(halt=2.0, disagreement=False).disagreement
+
+
+# ---------------------------------------------------------------- data-parallel PPO under torchrun (gloo, 2 CPUs)
+def _collectives(rank, port, out_dir):
+    """One of two ranks: every DataParallel collective, results written for the test to check."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    sys.path.insert(0, ROOT)
+    import distributed
+    import world_model
+
+    torch.set_num_threads(1)
+    ddp = distributed.DataParallel(cuda=False)
+    torch.manual_seed(rank)  # different weights until rank 0's are broadcast
+    net = torch.nn.Linear(3, 2)
+    ddp.broadcast_module(net)
+    net(torch.full((4, 3), float(rank + 1))).sum().backward()
+    ddp.average_gradients(net)
+    x = torch.arange(6.0).reshape(3, 2) + 10 * rank
+    moments = ddp.batch_moments(x)
+    model = world_model.make("ensemble", env_id="CartPole-v1", seed=0)
+    if rank == 0:
+        model.fit(real_env.collect_transitions("CartPole-v1", 200, seed=0), seed=0)
+    reloaded = ddp.share_world_model(model)
+    obs = torch.zeros(3, 4)
+    prediction = model.predict(obs, np.array([0, 1, 0]))[0]
+    torch.save({"weight": net.weight.detach(), "grad": net.weight.grad, "agree": ddp.agree(rank == 0),
+                "moments": [torch.as_tensor(m) for m in moments], "reloaded": reloaded, "prediction": prediction,
+                "rank_args": vars(ddp.rank_args(Args(num_envs=8, seed=5))), "sum": ddp.sum(torch.tensor([rank + 1.0]))},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    ddp.close()
+
+
+def test_data_parallel_collectives(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_collectives, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    torch.testing.assert_close(r0["weight"], r1["weight"])  # rank 0's initial weights everywhere
+    # the mean of the ranks' gradients: d/dW sum(W x + b) = sum over rows of x = 4 * (rank + 1) per input
+    torch.testing.assert_close(r0["grad"], torch.full((2, 3), (4.0 + 8.0) / 2))
+    torch.testing.assert_close(r1["grad"], r0["grad"])
+    both = torch.cat([torch.arange(6.0).reshape(3, 2), torch.arange(6.0).reshape(3, 2) + 10])
+    for r in (r0, r1):
+        mean, var, n = r["moments"]
+        torch.testing.assert_close(mean, both.mean(0))
+        torch.testing.assert_close(var, both.var(0, unbiased=False))
+        assert float(n) == 6.0
+        assert r["agree"] is True and float(r["sum"]) == 3.0
+    assert r0["reloaded"] is False and r1["reloaded"] is True  # fitted on rank 0 only, loaded by rank 1
+    torch.testing.assert_close(r0["prediction"], r1["prediction"])
+    assert (r0["rank_args"]["num_envs"], r0["rank_args"]["seed"]) == (4, 5)
+    assert (r1["rank_args"]["num_envs"], r1["rank_args"]["seed"]) == (4, 9)  # rows 4-7 of one 8-env process
+
+
+def test_torchrun_arguments_are_checked():
+    import distributed
+    import rl_utils as ru
+
+    ddp = distributed.DataParallel.__new__(distributed.DataParallel)
+    ddp.world_size, ddp.rank, ddp.leader = 2, 0, True
+    with pytest.raises(ru.ArgError, match="--num-envs"):
+        ddp.check_args(Args(num_envs=7), None)
+    with pytest.raises(ru.ArgError, match="--vector-env"):
+        ddp.check_args(Args(num_envs=8, vector_env="sync"), object())
+
+
+def test_torchrun_two_processes_train_one_run(tmp_path):
+    import json
+    import subprocess
+
+    tiny = ["--num-envs", "8", "--num-steps", "16", "--total-timesteps", "384", "--num-minibatches", "2",
+            "--update-epochs", "1", "--eval-every", "1", "--eval-episodes", "2", "--real-iterations", "1",
+            "--real-steps-per-iteration", "40", "--initial-real-steps", "200", "--imagined-horizon", "20",
+            "--no-early-stop", "--no-cuda"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "ppo_imagined.py"), *tiny]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("[ppo] iter 3/3") == 1  # rank 0 alone prints
+    assert proc.stdout.count("dyna round 1/1") == 1 and proc.stdout.count("fitting a world model") == 1
+    (run_dir,) = list((tmp_path / "runs").iterdir())  # rank 0 alone writes a run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["global_step"] == 384
+    assert 192 < summary["imagined_steps"] <= 384  # both ranks' transitions (each stepped 4 envs x 48)
+    assert summary["real_env_steps"] == 240 and (run_dir / "agent.pt").exists()
