@@ -32,10 +32,10 @@ _NO_ROWS = np.zeros(0, dtype=np.int64)
 # ------------------------------------------------------------------------------------------------
 # The seed stream of seedless resets: counter-based (splitmix64), so that any number of rows draw their next seed
 # in a few array operations (no generator per row). ``reset(seed=s)`` starts an env's (a row's) stream at
-# ``stream_start(s)``; each seedless reset advances it by the golden gamma and hands ``stream_output`` of it to
-# reset_fn: the n-th seed after reset(seed=s) is splitmix64's n-th output from mix(s), i.e. a pure function of
-# (s, n). WorldModelEnv (Python ints) and WorldModelVectorEnv (uint64 arrays) compute the same values, so a batched
-# env reproduces SyncVectorEnv-of-WorldModelEnv trajectories, autoresets included.
+# ``stream_start(s)``; each seedless reset advances it by the golden gamma and hands the top 31 bits of its mix to
+# reset_fn: the n-th seed after reset(seed=s) is (the top bits of) splitmix64's n-th output from mix(s), a pure
+# function of (s, n). WorldModelEnv (Python ints) and WorldModelVectorEnv (uint64 arrays) compute the same values,
+# so a batched env reproduces SyncVectorEnv-of-WorldModelEnv trajectories, autoresets included.
 # ------------------------------------------------------------------------------------------------
 _M64 = 2**64 - 1
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -202,10 +202,10 @@ class WorldModelEnv(gym.Env):
 
     ``model`` is passed as the first argument to every adapter. ``reset_fn(model, seed=None, options=None)``
     always receives an int seed (the one given to ``reset``, else the next of a seed stream keyed by the last
-    seed given; see ``stream_next``), so a reset_fn that seeds from it makes episodes reproducible. ``transition_fn(model, state, action)``,
-    optional ``action_transform_fn(model, action)`` (policy action -> model encoding) and
-    ``render_fn(model, state)``. ``max_episode_steps`` is the trusted imagination horizon (``truncated``
-    when reached); ``seed`` is used by the first ``reset()`` that is not given one.
+    seed given; see ``stream_next``), so a reset_fn that seeds from it makes episodes reproducible.
+    ``transition_fn(model, state, action)``, optional ``action_transform_fn(model, action)`` (policy action ->
+    model encoding) and ``render_fn(model, state)``. ``max_episode_steps`` is the trusted imagination horizon
+    (``truncated`` when reached); ``seed`` is used by the first ``reset()`` that is not given one.
     """
 
     metadata = {"render_modes": ["rgb_array", "human", "ansi"]}
