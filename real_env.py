@@ -233,21 +233,21 @@ def evaluate_in_real_env(act_fn, env_id, num_episodes, seed, model=None, max_bat
     lengths = np.zeros(num_episodes, dtype=np.int64)
     for lo in range(0, num_episodes, max_batch):
         idx = list(range(lo, min(num_episodes, lo + max_batch)))
-        envs = [seen_through(model, make_real_env(env_id, "evaluate_in_real_env"))[0] for _ in idx]
-        action_space = envs[0].action_space
-        obs = [env.reset(seed=seed + i)[0] for env, i in zip(envs, idx)]
+        real_envs = [seen_through(model, make_real_env(env_id, "evaluate_in_real_env"))[0] for _ in idx]
+        action_space = real_envs[0].action_space
+        obs = [env.reset(seed=seed + i)[0] for env, i in zip(real_envs, idx)]
         active = list(range(len(idx)))
         while active:
             acts = _env_actions(act_fn(np.stack([obs[j] for j in active]).astype(np.float32)), action_space,
                                 len(active))
             still = []
             for a, j in zip(acts, active):
-                obs[j], r, term, trunc, _ = envs[j].step(a)
+                obs[j], r, term, trunc, _ = real_envs[j].step(a)
                 returns[idx[j]] += r
                 lengths[idx[j]] += 1
                 if not (term or trunc):
                     still.append(j)
             active = still
-        for env in envs:
+        for env in real_envs:
             env.close()
     return returns, lengths

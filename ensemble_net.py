@@ -1,0 +1,300 @@
+"""The reference ensemble's network: `EnsembleWorldModel`, a probabilistic MLP ensemble (obs, action) -> Gaussian over
+the normalised [obs delta, reward], with a termination classifier on (obs, action, next obs), and its one batched
+step (`predict`). Fitting, checkpoints and the world-model interface are in `ensemble.py`.
+"""
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from real_env import TransitionBuffer, to_numpy
+
+
+def check_spaces_supported(observation_space, action_space, where):
+    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
+        raise ValueError(
+            f"{where}: observation_space must be a 1-D gymnasium.spaces.Box, got {observation_space!r}. "
+            "The ensemble world model only handles flat vector observations (e.g. CartPole-v1, Acrobot-v1, "
+            "MountainCar-v0, Pendulum-v1); flatten other observations with gymnasium.wrappers.FlattenObservation."
+        )
+    if isinstance(action_space, gym.spaces.Discrete):
+        return
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        return
+    raise ValueError(
+        f"{where}: action_space must be gymnasium.spaces.Discrete or a 1-D Box, got {action_space!r}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+class EnsembleLinear(nn.Module):
+    """E independent linear layers evaluated with one batched matmul: (E,B,in) or (B,in) -> (E,B,out)."""
+
+    def __init__(self, ensemble_size, in_features, out_features):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, out_features))
+
+    def forward(self, x):
+        if x.dim() == 2:  # shared input for all members: broadcasting matmul, no copy
+            return torch.matmul(x, self.weight) + self.bias
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleWorldModel(nn.Module):
+    """Probabilistic MLP ensemble: (obs, action) -> Gaussian over normalised [obs delta, reward], plus a small
+    termination classifier ensemble on (obs, action, next obs).
+
+    Why a separate classifier on the next obs: termination is (for these control tasks) a threshold on the state
+    the env lands in, e.g. |theta'| > 0.2095 for CartPole. From (obs, action) alone the net has to compose the
+    dynamics with the threshold and the boundary comes out blurred (measured: precision ~0.5 or recall ~0.1
+    depending on the class weight); given the next obs it is a sharp, axis-aligned cut. It is trained on real
+    next observations and applied to the predicted one in imagination.
+
+    Normalisation statistics and clip bounds are buffers (saved with the state_dict); the real start observations
+    and a subsample of buffer states are kept as non-persistent buffers and stored separately in the checkpoint.
+    """
+
+    def __init__(self, observation_space, action_space, *, ensemble_size=5, hidden_size=128, num_layers=3,
+                 env_id=None, max_episode_steps=None):
+        super().__init__()
+        check_spaces_supported(observation_space, action_space, "EnsembleWorldModel")
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.env_id = env_id
+        self.max_episode_steps = max_episode_steps  # the real env's time limit: the default imagination horizon
+        self.ensemble_size = ensemble_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.obs_dim = int(observation_space.shape[0])
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.act_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
+        self.in_dim = self.obs_dim + self.act_dim
+        self.out_dim = self.obs_dim + 1  # delta, reward
+
+        layers, d = [], self.in_dim
+        for _ in range(num_layers):
+            layers.append(EnsembleLinear(ensemble_size, d, hidden_size))
+            d = hidden_size
+        self.hidden = nn.ModuleList(layers)
+        self.head = EnsembleLinear(ensemble_size, d, 2 * self.out_dim)
+        term_hidden = max(32, hidden_size // 2)
+        self.term_net = nn.ModuleList([
+            EnsembleLinear(ensemble_size, self.in_dim + self.obs_dim, term_hidden),
+            EnsembleLinear(ensemble_size, term_hidden, term_hidden),
+            EnsembleLinear(ensemble_size, term_hidden, 1),
+        ])
+        # soft log-variance bounds (learned), keep the NLL from collapsing variance on easy dimensions
+        self.max_logvar = nn.Parameter(torch.full((self.out_dim,), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((self.out_dim,), -10.0))
+
+        self.register_buffer("in_mean", torch.zeros(self.in_dim))
+        self.register_buffer("in_std", torch.ones(self.in_dim))
+        self.register_buffer("out_mean", torch.zeros(self.out_dim))
+        self.register_buffer("out_std", torch.ones(self.out_dim))
+        # targets that were constant in the data (CartPole's reward of 1) are reproduced exactly, not approximately
+        self.register_buffer("out_constant", torch.zeros(self.out_dim, dtype=torch.bool))
+        self.register_buffer("obs_std", torch.ones(self.obs_dim))
+        # imagination clip range: data range widened by its own width, intersected with the space bounds
+        self.register_buffer("obs_clip_low", torch.full((self.obs_dim,), -1e6))
+        self.register_buffer("obs_clip_high", torch.full((self.obs_dim,), 1e6))
+        self.register_buffer("reward_clip", torch.tensor([-1e6, 1e6]))
+        # lowest real rewards of non-terminal and of terminal steps: the halt rule's lower bound on a return
+        self.register_buffer("reward_min", torch.zeros(()))
+        self.register_buffer("terminal_reward_min", torch.zeros(()))
+        # 99th percentile of the members' disagreement on real (obs, action) pairs: the halt rule's unit
+        self.register_buffer("disagreement_ref", torch.ones(()))
+        if self.discrete:
+            self.register_buffer("act_low", torch.zeros(0))
+            self.register_buffer("act_high", torch.zeros(0))
+        else:
+            self.register_buffer("act_low", torch.as_tensor(np.nan_to_num(action_space.low, neginf=-1e6), dtype=torch.float32))
+            self.register_buffer("act_high", torch.as_tensor(np.nan_to_num(action_space.high, posinf=1e6), dtype=torch.float32))
+        self.register_buffer("start_obs", torch.zeros(0, self.obs_dim), persistent=False)
+        self.register_buffer("buffer_obs", torch.zeros(0, self.obs_dim), persistent=False)
+        # the real transitions behind a loaded checkpoint (a TransitionBuffer), None when it carries none; Dyna
+        # refits of a loaded model start from them so the refit sees all real data, not only the new data
+        self.buffer = None
+
+    @property
+    def device(self):
+        return self.in_mean.device
+
+    def config(self):
+        return {"ensemble_size": self.ensemble_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers}
+
+    # ---- normalisation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_statistics(self, buffer: TransitionBuffer, num_buffer_states=10000, seed=0, normalisation=True):
+        """Sets input/output normalisation (unless `normalisation=False`: a warm refit keeps it), the clip bounds,
+        the lowest reward and the stored start/buffer states from real data."""
+        dev = self.device
+        obs = torch.as_tensor(buffer.obs, device=dev)
+        next_obs = torch.as_tensor(buffer.next_obs, device=dev)
+        x = self.model_input(obs, self.encode_action(buffer.actions), normalise=False)
+        y = torch.cat([next_obs - obs, torch.as_tensor(buffer.rewards, device=dev)[:, None]], dim=1)
+
+        def std_of(t):  # constant features (e.g. CartPole's reward) get std 1 so they are not blown up
+            s = t.std(0)
+            return torch.where(s < 1e-6, torch.ones_like(s), s)
+
+        all_obs = torch.cat([obs, next_obs])
+        if normalisation:
+            self.in_mean.copy_(x.mean(0))
+            self.in_std.copy_(std_of(x))
+            self.out_mean.copy_(y.mean(0))
+            self.out_std.copy_(std_of(y))
+            self.out_constant.copy_(y.std(0) < 1e-6 if len(y) > 1 else torch.zeros_like(self.out_constant))
+            self.obs_std.copy_(std_of(all_obs))
+        lo, hi = all_obs.min(0).values, all_obs.max(0).values
+        width = (hi - lo).clamp_min(1e-3)
+        space_lo = torch.as_tensor(np.nan_to_num(self.observation_space.low, neginf=-1e6), dtype=torch.float32, device=dev)
+        space_hi = torch.as_tensor(np.nan_to_num(self.observation_space.high, posinf=1e6), dtype=torch.float32, device=dev)
+        self.obs_clip_low.copy_(torch.maximum(lo - width, space_lo))
+        self.obs_clip_high.copy_(torch.minimum(hi + width, space_hi))
+        r = y[:, -1]
+        r_width = (r.max() - r.min()).clamp_min(1e-3)
+        self.reward_clip.copy_(torch.stack([r.min() - r_width, r.max() + r_width]))
+        # a large penalty that only ends episodes (LunarLander's crash, -100) is paid once, not forever
+        terminal = torch.as_tensor(buffer.terminated, device=dev)
+        self.reward_min.copy_(r[~terminal].min() if (~terminal).any() else torch.zeros(()))
+        self.terminal_reward_min.copy_(r[terminal].min() if terminal.any() else torch.zeros(()))
+        self.start_obs = torch.as_tensor(buffer.start_obs, device=dev).clone()
+        rng = np.random.default_rng(seed)
+        n = min(num_buffer_states, len(buffer))
+        self.buffer_obs = obs[torch.as_tensor(rng.choice(len(buffer), size=n, replace=False), device=dev)].clone()
+
+    # ---- encoding / forward ------------------------------------------------------------------------------------
+    def encode_action(self, action):
+        """Actions (numpy/torch/list, batched) -> float features on model.device: one-hot or clipped Box."""
+        a = torch.as_tensor(to_numpy(action) if not isinstance(action, torch.Tensor) else action, device=self.device)
+        if self.discrete:
+            idx = a.reshape(-1).long() - int(self.action_space.start)
+            if idx.numel() and (idx.min() < 0 or idx.max() >= self.act_dim):
+                raise ValueError(
+                    f"action out of range for {self.action_space}: got values in [{int(idx.min()) + self.action_space.start}, "
+                    f"{int(idx.max()) + self.action_space.start}]"
+                )
+            return F.one_hot(idx, self.act_dim).float()
+        a = a.float().reshape(-1, self.act_dim)
+        return torch.maximum(torch.minimum(a, self.act_high), self.act_low)  # the real env clips too (e.g. Pendulum)
+
+    def model_input(self, obs, act_features, normalise=True):
+        x = torch.cat([obs.float(), act_features], dim=-1)
+        return (x - self.in_mean) / self.in_std if normalise else x
+
+    def forward(self, x_norm):
+        """x_norm (B,in) or (E,B,in) -> mean (E,B,out), logvar (E,B,out) of the normalised [delta, reward]."""
+        h = x_norm
+        for layer in self.hidden:
+            h = F.silu(layer(h))
+        out = self.head(h)
+        mean, logvar = out[..., : self.out_dim], out[..., self.out_dim:]
+        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar
+
+    def termination_logits(self, x_norm, next_obs):
+        """x_norm (B,in) or (E,B,in), next_obs (B,obs_dim) or (E,B,obs_dim) raw -> termination logits (E,B)."""
+        d = self.obs_dim
+        nx = (next_obs.float() - self.in_mean[:d]) / self.in_std[:d]
+        if nx.dim() == 3 and x_norm.dim() == 2:
+            x_norm = x_norm.expand(nx.shape[0], -1, -1)
+        h = torch.cat([x_norm, nx], dim=-1)
+        for i, layer in enumerate(self.term_net):
+            h = layer(h)
+            if i < len(self.term_net) - 1:
+                h = F.silu(h)
+        return h[..., 0]
+
+    @torch.no_grad()
+    def predict(self, obs, action, members=None, noise=None, disagreement=True):
+        """One batched step. obs (B,obs_dim) tensor, action batch. members (B,) long chooses one member per row
+        (None: ensemble mean). noise (B,out_dim) standard normals or None. Returns next_obs (B,obs_dim),
+        reward (B,), termination logit (B,), disagreement (B,): std across members of the normalised prediction
+        (None when members are given with `disagreement=False`: then no other member needs to run).
+
+        All members run in one batched matmul and each row's member is gathered (no per-row loop, no host sync).
+        On the CPU, where the FLOPs are the cost: without disagreement rows are grouped by member, so each row runs
+        its own member only (one matmul per member and layer); with it, rows go through in blocks of _CPU_BLOCK
+        (the members' activations of a block stay in cache). The figures are those of the full ensemble up to fp32
+        rounding."""
+        obs = obs.to(self.device, torch.float32)
+        on_cpu = obs.device.type == "cpu"
+        grouped = members is not None and not disagreement and on_cpu and len(obs) >= _GROUP_MIN_ROWS
+        if on_cpu and not grouped and len(obs) > _CPU_BLOCK:
+            action = action if isinstance(action, torch.Tensor) else torch.as_tensor(to_numpy(action))
+            parts = [self.predict(obs[i:i + _CPU_BLOCK], action[i:i + _CPU_BLOCK],
+                                  None if members is None else members[i:i + _CPU_BLOCK],
+                                  None if noise is None else noise[i:i + _CPU_BLOCK], disagreement)
+                     for i in range(0, len(obs), _CPU_BLOCK)]
+            return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+        x = self.model_input(obs, self.encode_action(action))
+        rows = None if members is None else torch.arange(len(obs), device=self.device)
+        spread = None
+        if grouped:
+            m, logvar = _by_member(members, self._member_dynamics, x)
+        else:
+            mean, logvar = self(x)
+            if members is None or disagreement:
+                spread = (mean[..., : self.obs_dim].std(0).mean(-1) if self.ensemble_size > 1
+                          else torch.zeros(len(obs), device=self.device))
+            m = mean.mean(0) if members is None else mean[members, rows]
+            logvar = None if members is None or noise is None else logvar[members, rows]
+        if members is not None and noise is not None:
+            m = m + noise * torch.exp(0.5 * logvar)
+        y = torch.where(self.out_constant, self.out_mean, m * self.out_std + self.out_mean)
+        next_obs = torch.minimum(torch.maximum(obs + y[:, : self.obs_dim], self.obs_clip_low), self.obs_clip_high)
+        reward = y[:, -1].clamp(self.reward_clip[0], self.reward_clip[1])
+        if members is None:  # ensemble mean probability, back to a logit
+            logit = torch.logit(torch.sigmoid(self.termination_logits(x, next_obs)).mean(0).clamp(1e-6, 1 - 1e-6))
+        elif grouped:
+            logit = _by_member(members, self._member_termination, x, next_obs)[0]
+        else:
+            logit = self.termination_logits(x, next_obs)[members, rows]
+        return next_obs, reward, logit, spread
+
+    def _member_dynamics(self, e, x):
+        """Member e's forward on its rows (see `forward`): mean, logvar (n,out)."""
+        h = x
+        for layer in self.hidden:
+            h = F.silu(torch.addmm(layer.bias[e], h, layer.weight[e]))
+        out = torch.addmm(self.head.bias[e], h, self.head.weight[e])
+        mean, logvar = out[:, : self.out_dim], out[:, self.out_dim:]
+        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
+        return mean, self.min_logvar + F.softplus(logvar - self.min_logvar)
+
+    def _member_termination(self, e, x, next_obs):
+        """Member e's termination logit on its rows (see `termination_logits`): (n,)."""
+        d = self.obs_dim
+        h = torch.cat([x, (next_obs - self.in_mean[:d]) / self.in_std[:d]], dim=-1)
+        for i, layer in enumerate(self.term_net):
+            h = torch.addmm(layer.bias[e], h, layer.weight[e])
+            if i < len(self.term_net) - 1:
+                h = F.silu(h)
+        return (h[:, 0],)
+
+
+_CPU_BLOCK = 1024  # rows per block of a CPU predict
+_GROUP_MIN_ROWS = 128  # below this, grouping rows by member costs more than the members it skips (measured)
+
+
+def _by_member(members, fn, *inputs):
+    """fn(e, *rows_of_member_e) for every member, on its rows only; the outputs back in row order."""
+    order = torch.argsort(members, stable=True)
+    counts = torch.bincount(members, minlength=1).tolist()  # the host read that grouping needs
+    chunks = [torch.split(t[order], counts) for t in inputs]
+    outs = [fn(e, *(c[e] for c in chunks)) for e in range(len(counts)) if counts[e]]
+    result = []
+    for parts in zip(*outs):
+        sorted_out = torch.cat(parts)
+        unsorted = torch.empty_like(sorted_out)
+        unsorted[order] = sorted_out
+        result.append(unsorted)
+    return result
