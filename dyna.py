@@ -41,6 +41,14 @@ def model_from_args(args, device):
     return model
 
 
+def check_model(args, model, script):
+    """What a script checks of its model before the run dir exists: the policy's observations (a 1-D Box, for the
+    MLP networks) and, for a model that learns and is fitted here, enough random real steps to fit it on."""
+    ru.check_policy_observations(model.observation_space, script, args.env_id, args.world_model)
+    if getattr(model, "learns", True) and args.world_model_path is None and args.initial_real_steps < 2:
+        raise ru.ArgError("--initial-real-steps", "at least 2 transitions to fit a model on", args.initial_real_steps)
+
+
 def vector_env_kind(args, model):
     """--vector-env: `auto` is `batched` where the model offers a batched env, else `sync`."""
     if model is None:

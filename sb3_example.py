@@ -246,9 +246,7 @@ if __name__ == "__main__":
     algo, n = args.algo, args.num_envs
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     model = dyna.model_from_args(args, device)  # loads --world-model-path
-    ru.check_policy_observations(model.observation_space, f"{TAG}.py", args.env_id, args.world_model)
-    if getattr(model, "learns", True) and args.world_model_path is None and args.initial_real_steps < 2:
-        raise ru.ArgError("--initial-real-steps", "at least 2 transitions to fit a model on", args.initial_real_steps)
+    dyna.check_model(args, model, f"{TAG}.py")
     vector_env = dyna.vector_env_kind(args, model)
     ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
 
