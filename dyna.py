@@ -41,6 +41,15 @@ def model_from_args(args, device):
     return model
 
 
+def imagination_only(args, script):
+    """The library examples train only in imagination: --world-model none is one line naming the baselines."""
+    if args.world_model == world_model.NO_MODEL:
+        raise ru.ArgError("--world-model", "ensemble or your own model (path/to/file.py:attr or package.module:attr): "
+                          f"{script} trains in imagination only", args.world_model,
+                          "The model-free baselines are ppo_imagined.py, dqn_imagined.py and sac_imagined.py "
+                          "with --world-model none.")
+
+
 def check_model(args, model, script):
     """What a script checks of its model before the run dir exists: the policy's observations (a 1-D Box, for the
     MLP networks) and, for a model that learns and is fitted here, enough random real steps to fit it on."""

@@ -196,11 +196,7 @@ def pick_algo(args: Args, action_space: gym.Space) -> str:
 
 def check_args(args: Args, action_space: gym.Space) -> None:
     """Every bad flag stops here with one line, before a run dir exists; fills in the algo's defaults."""
-    if args.world_model == world_model.NO_MODEL:
-        raise ru.ArgError("--world-model", "ensemble or your own model (path/to/file.py:attr or package.module:attr): "
-                          f"{TAG}.py trains in imagination only", args.world_model,
-                          "The model-free baselines are ppo_imagined.py, dqn_imagined.py and sac_imagined.py "
-                          "with --world-model none.")
+    dyna.imagination_only(args, f"{TAG}.py")
     args.algo = pick_algo(args, action_space)
     args.total_timesteps = DEFAULTS[args.algo][0] if args.total_timesteps is None else args.total_timesteps
     args.num_envs = DEFAULTS[args.algo][1] if args.num_envs is None else args.num_envs

@@ -182,11 +182,7 @@ def numpy_policy(actor, exploration, device):
 
 def check_args(args: Args, action_space: gym.Space) -> None:
     """Every bad flag stops here with one line, before a run dir exists; fills in the action space's defaults."""
-    if args.world_model == world_model.NO_MODEL:
-        raise ru.ArgError("--world-model", "ensemble or your own model (path/to/file.py:attr or package.module:attr): "
-                          f"{TAG}.py trains in imagination only", args.world_model,
-                          "The model-free baselines are ppo_imagined.py, dqn_imagined.py and sac_imagined.py "
-                          "with --world-model none.")
+    dyna.imagination_only(args, f"{TAG}.py")
     for name, value in DEFAULTS[type(action_space).__name__].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
