@@ -65,14 +65,14 @@ CHECKPOINT_VERSION = 1
 #   where there were none (precision 0.13 on the policy's data), imagined episodes ended early.
 #   With scale 1, sqrt weighting and the normalisation frozen at the first fit, CartPoleNoVel-v1 seed 2 stalled at
 #   ~150 (12,000 real); with the three changes together it reached 500 with 6,000.
-# - updates_per_new_step 0.1, min_refit_updates 100: a Dyna round of 1,000 real steps gets 100 updates (~100 replayed
-#   steps per real one), scaled by --refit-passes / 20.
+# - min_refit_updates 100: a refit makes --refit-passes passes over the new data (as the ensemble's), at least 100
+#   updates: PPO's Dyna round of 1,000 steps (20 passes: 20 updates) and SAC's refit of 250 (200 passes: 49) both
+#   get 100, ~100 replayed steps per new real one; fewer and the latent model lagged behind the policy.
 VECTOR_CONFIG = dict(deter=128, groups=16, classes=16, hidden=128, members=5, prior_hidden=64, batch=32, seq_len=32,
-                     lr=6e-4, first_updates=600, updates_per_new_step=0.1, min_refit_updates=100,
-                     obs_loss_scale=100.0, term_pos_weight=1.0)
+                     lr=6e-4, first_updates=600, min_refit_updates=100, obs_loss_scale=100.0, term_pos_weight=1.0)
 PIXEL_CONFIG = dict(deter=128, groups=16, classes=16, hidden=128, members=5, prior_hidden=64, batch=8, seq_len=32,
-                    lr=6e-4, first_updates=600, updates_per_new_step=0.1, min_refit_updates=100, obs_loss_scale=1.0,
-                    term_pos_weight=1.0, cnn_depth=16)
+                    lr=6e-4, first_updates=600, min_refit_updates=100, obs_loss_scale=1.0, term_pos_weight=1.0,
+                    cnn_depth=16)
 NUM_BUFFER_STATES = 10_000
 
 
@@ -306,8 +306,8 @@ class RSSMModel(world_model.WorldModel):
 
     def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
         """A new fit on `data` (`num_new` None: fresh weights, `first_updates` minibatch updates), or a warm refit
-        after `num_new` transitions were appended: max(min_refit_updates, updates_per_new_step x num_new x
-        refit_passes / 20) updates, drawn from all the data (each update: `batch` sequences of `seq_len` steps).
+        after `num_new` transitions were appended: the updates of `refit_passes` passes over the new data, at least
+        `min_refit_updates`, drawn from all the data (each update: `batch` sequences of `seq_len` steps).
         Returns the metrics (the last losses, `updates`, `seconds`)."""
         if not isinstance(data, TransitionBuffer) or len(data) < 2:
             raise ValueError(f"RSSMModel.fit: data must be a TransitionBuffer of at least 2 transitions, got "
@@ -318,8 +318,7 @@ class RSSMModel(world_model.WorldModel):
             self.net = self._new_net(seed)
             updates = c["first_updates"]
         else:
-            updates = max(c["min_refit_updates"],
-                          math.ceil(c["updates_per_new_step"] * num_new * refit_passes / 20))
+            updates = max(c["min_refit_updates"], math.ceil(refit_passes * num_new / (c["batch"] * c["seq_len"])))
         self._set_statistics(data)
         net = self.net
         stream = episode_stream(data, net)

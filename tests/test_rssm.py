@@ -18,7 +18,7 @@ import rssm
 import world_model
 
 TINY = dict(deter=16, groups=4, classes=4, hidden=16, members=3, prior_hidden=16, batch=4, seq_len=8,
-            first_updates=3, min_refit_updates=2, updates_per_new_step=0.001, cnn_depth=4)
+            first_updates=3, min_refit_updates=2, cnn_depth=4)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -82,7 +82,7 @@ def test_fit_metrics_and_warm_refit(fitted):
     more = real_env.collect_transitions("CartPoleNoVel-v1", 50, seed=5)
     data2 = real_env.TransitionBuffer(*(getattr(data, f) for f in real_env.TransitionBuffer.FIELDS),
                                       data.start_obs, data.env_id).extend(more)
-    m2 = model.fit(data2, len(more), seed=1)
+    m2 = model.fit(data2, len(more), seed=1, refit_passes=1)
     assert model.net is net and m2["updates"] == TINY["min_refit_updates"]  # warm: the same weights, trained on
     all_obs = np.concatenate([data2.obs, data2.next_obs])  # the normalisation follows all the data
     np.testing.assert_allclose(net.obs_mean.numpy(), all_obs.mean(0), rtol=1e-4, atol=1e-5)
