@@ -6,11 +6,12 @@ imported (real_env.py imports it, so `--env-id` takes these ids in every script;
 | `CartPoleNoVel-v1` | CartPole-v1 keeping x and theta (velocities dropped) | RL Zoo's POMDP: the state is not in the observation, a policy or model needs memory |
 | `PendulumNoVel-v1` | Pendulum-v1 keeping cos(theta), sin(theta) (angular velocity dropped) | RL Zoo's POMDP for continuous control |
 | `PendulumPixels-v1` | 64 x 64 RGB frames (uint8) from Pendulum-v1's own `render()` | a pixel task as PlaNet/Dreamer see one (64 x 64); one frame holds no velocity either |
+| `PendulumPixels32-v1` | the same frames drawn at 32 x 32 | what a CPU can train on: a pixel RSSM update costs ~3x less than at 64 x 64 |
 
 The names, time limits and reward thresholds are the ones RL Zoo and Gymnasium use for the full-state tasks. The
 pixel frames are drawn by `PendulumEnv.render()` itself, on a 64 x 64 canvas instead of 500 x 500 (the same
 picture, drawn small: no resize, about 4 ms a frame on one CPU core instead of ~15 ms for the large frame and a
-resize). `gym.make("PendulumPixels-v1", size=32)` gives 32 x 32 frames.
+resize). `gym.make("PendulumPixels-v1", size=s)` draws s x s frames (PendulumPixels32-v1 is s = 32).
 """
 import gymnasium as gym
 import numpy as np
@@ -90,6 +91,7 @@ REGISTRATIONS = {
     "CartPoleNoVel-v1": dict(entry_point="envs:CartPoleNoVelEnv", max_episode_steps=500, reward_threshold=475.0),
     "PendulumNoVel-v1": dict(entry_point="envs:PendulumNoVelEnv", max_episode_steps=200),
     "PendulumPixels-v1": dict(entry_point="envs:PendulumPixelsEnv", max_episode_steps=200),
+    "PendulumPixels32-v1": dict(entry_point="envs:PendulumPixelsEnv", max_episode_steps=200, kwargs={"size": 32}),
 }
 for _env_id, _kwargs in REGISTRATIONS.items():
     if _env_id not in gym.registry:  # imported under another name (tests, spawned workers): register once

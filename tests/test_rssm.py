@@ -57,7 +57,7 @@ def test_env_ids_keep_what_rl_zoo_keeps():
     assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8 and pixels.observation_space.contains(frame)
     frame2, reward, *_ = pixels.step(np.array([2.0], dtype=np.float32))
     assert not np.array_equal(frame, frame2) and reward <= 0
-    assert gym.make("PendulumPixels-v1", size=32).reset(seed=0)[0].shape == (32, 32, 3)
+    assert gym.make("PendulumPixels32-v1").reset(seed=0)[0].shape == (32, 32, 3)
 
 
 def test_interface_and_spec():
