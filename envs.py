@@ -1,12 +1,13 @@
 """Partially observed and pixel versions of classic-control tasks, registered with Gymnasium when this module is
 imported (real_env.py imports it, so `--env-id` takes these ids in every script; user code: `import envs`).
 
-| id | observation | why |
-| --- | --- | --- |
-| `CartPoleNoVel-v1` | CartPole-v1 keeping x and theta (velocities dropped) | RL Zoo's POMDP: the state is not in the observation, a policy or model needs memory |
-| `PendulumNoVel-v1` | Pendulum-v1 keeping cos(theta), sin(theta) (angular velocity dropped) | RL Zoo's POMDP for continuous control |
-| `PendulumPixels-v1` | 64 x 64 RGB frames (uint8) from Pendulum-v1's own `render()` | a pixel task as PlaNet/Dreamer see one (64 x 64); one frame holds no velocity either |
-| `PendulumPixels32-v1` | the same frames drawn at 32 x 32 | what a CPU can train on: a pixel RSSM update costs ~3x less than at 64 x 64 |
+- `CartPoleNoVel-v1`: CartPole-v1 keeping x and theta (the velocities dropped): RL Zoo's POMDP, the state is not
+  in the observation, a policy or a model needs memory.
+- `PendulumNoVel-v1`: Pendulum-v1 keeping cos(theta), sin(theta) (the angular velocity dropped): RL Zoo's POMDP for
+  continuous control.
+- `PendulumPixels-v1`: 64 x 64 RGB frames (uint8) from Pendulum-v1's own `render()`, a pixel task as PlaNet and
+  Dreamer see one (one frame holds no velocity either); `PendulumPixels32-v1`: the same frames drawn at 32 x 32,
+  what a CPU trains on (a pixel RSSM update costs ~3x less than at 64 x 64).
 
 The names, time limits and reward thresholds are the ones RL Zoo and Gymnasium use for the full-state tasks. The
 pixel frames are drawn by `PendulumEnv.render()` itself, on a 64 x 64 canvas instead of 500 x 500 (the same

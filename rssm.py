@@ -16,9 +16,10 @@ The model (`RSSMNet`)
   imagined episode with the lowest possible return (the same rule and floor as the ensemble's, see
   `ensemble_imagination.Imagination`).
 - encoder / decoder: MLPs on vector observations normalised by the mean and std of all the data (recomputed at
-  every fit, so a policy that goes somewhere new is not fed inputs of 16 stds), a small CNN (stride-2 convolutions down to 4 x 4 and
-  transposed ones back) on uint8 frames. Reward head and continue head on the features [h, z]; the continue head
-  learns termination only (time-limit truncation is not an ending: a truncated episode's last step continues).
+  every fit, so a policy that goes somewhere new is not fed inputs of 16 stds), a small CNN (stride-2 convolutions
+  down to 4 x 4 and transposed ones back) on uint8 frames. Reward head and continue head on the features [h, z];
+  the continue head learns termination only (time-limit truncation is not an ending: a truncated episode's last
+  step continues).
 - losses (DreamerV3): reconstruction, reward, termination, and KL balancing with free bits:
   0.5 * max(1, KL(sg(post) || prior_k)) for each member k plus 0.1 * max(1, KL(post || sg(prior))).
 - trained on sequences of real episodes (the TransitionBuffer is cut by episode_ids into a stream of steps
@@ -488,8 +489,6 @@ class RSSMModel(world_model.WorldModel):
             raise ValueError(f"{path!r} has RSSM checkpoint version {payload.get('version')!r}, this code reads "
                              f"version {CHECKPOINT_VERSION}")
         try:
-            from ensemble import _space_from_dict
-
             for name, mine in (("observation_space", self.real_observation_space),
                                ("action_space", self.action_space)):
                 diff = _describe_space_difference(mine, _space_from_dict(payload[name]))
