@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 import world_model
-from ensemble import _describe_space_difference, _space_to_dict
+from ensemble import _describe_space_difference, _space_from_dict, _space_to_dict
 from ensemble_imagination import _draw_index, _seed_to_rng_state
 from real_env import TransitionBuffer, make_real_env, to_numpy
 from rssm_net import RSSMNet, _entropy, _is_pixels, _rng_uniforms, _sample_onehot, _unimix, check_spaces_supported
