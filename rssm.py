@@ -157,8 +157,7 @@ class RSSMImagination:
                                       else (net.buffer_deter, net.buffer_probs))
             if len(pool_deter) == 0:
                 raise ValueError(f"the RSSM has no stored {self.start!r} states: fit() or load() it first")
-            first, idx = _draw_index(s[:, 0], len(pool_deter))
-            s = torch.cat([first[:, None], s[:, 1:]], 1)
+            s[:, 0], idx = _draw_index(s[:, 0], len(pool_deter))  # the pool index from the first group's stream
             s, u = _rng_uniforms(s)
             deter = pool_deter[idx]
             stoch = _sample_onehot(pool_probs[idx], u).flatten(1)
