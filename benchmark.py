@@ -9,9 +9,10 @@ What it measures, in one run, as environment steps per second (one vector step o
 * Sync / Async: gymnasium's SyncVectorEnv / AsyncVectorEnv of N single WorldModelEnv (one model call per env).
 
 for N in --sizes, with a two-layer 256-wide MLP world model, plus the seed tutorial's toy model in a single
-WorldModelEnv against its raw adapter calls, and the seconds of a seedless `reset()` of 65,536 rows. It prints a
-markdown table and the headline figures (`batched_vs_raw_256`, `batched_vs_sync_256`, `single_vs_raw_toy`,
-`reset_65536_s`) with their targets, and writes them to `--json PATH`. Missing a target prints MISS but still
+WorldModelEnv against its raw adapter calls, the recurrent latent model (rssm.py) in WorldModelVectorEnv against
+its own batched step at N=256, and the seconds of a seedless `reset()` of 65,536 rows. It prints a markdown table
+and the headline figures (`batched_vs_raw_256`, `batched_vs_sync_256`, `single_vs_raw_toy`, `reset_65536_s`,
+`rssm_env_vs_raw_256`) with their targets, and writes them to `--json PATH`. Missing a target prints MISS but still
 exits 0: the numbers are the product.
 
     python benchmark.py --quick --json runs/benchmark_quick.json   # < 1 minute
@@ -44,7 +45,7 @@ try:
     from benchmark_parts import (  # noqa: F401 (the adapters are benchmark.py's too: the tests use them from here)
         Case, MLPWorldModel, make_mlp_env, make_mlp_vector_env, measure, mlp_action_transform_batched,
         mlp_action_transform_single, mlp_reset_batched, mlp_reset_single, mlp_transition_batched,
-        mlp_transition_single, raw_batched_case, timed, vector_case)
+        mlp_transition_single, raw_batched_case, rssm_cases, timed, vector_case)
     from run_io import write_json_atomic
 
     # The seed tutorial's toy model and adapters, shared with the tests so both time what users start from.
@@ -110,7 +111,8 @@ class Args:
 
 HEADLINE_N = 256
 RESET_N = 65_536
-TARGETS = {"batched_vs_raw_256": 0.9, "batched_vs_sync_256": 45.0, "single_vs_raw_toy": 0.5, "reset_65536_s": 0.2}
+TARGETS = {"batched_vs_raw_256": 0.9, "batched_vs_sync_256": 45.0, "single_vs_raw_toy": 0.5, "reset_65536_s": 0.2,
+           "rssm_env_vs_raw_256": 0.85}
 # issue 20's GPU targets (checked by --device cuda): env/raw, reset() of a million rows, end-to-end PPO steps/s
 GPU_TARGETS = {"env_vs_raw_4096": 0.9, "env_vs_raw_65536": 0.97, "env_vs_raw_262144": 0.97,
                "env_vs_raw_1048576": 0.97, "reset_1048576_s": 1.0, "e2e_ppo_65536": 10e6}
@@ -316,6 +318,12 @@ def main(args: Args) -> dict:
     finally:
         for case in toy:
             case.close()
+    rssm = rssm_cases(HEADLINE_N, args.seed)  # the recurrent latent model (rssm.py) at the headline N
+    try:
+        rssm_rates = measure(rssm, args.repeats, args.min_time)
+    finally:
+        for case in rssm:
+            case.close()
 
     # ---- table
     ratio_cols = [("vec_numpy", "raw"), ("vec_torch", "raw"), ("vec_numpy", "sync"), ("vec_numpy", "async")]
@@ -346,6 +354,7 @@ def main(args: Args) -> dict:
         "batched_vs_sync_256": median_ratio(results[HEADLINE_N]["rates"], "vec_numpy", "sync"),
         "single_vs_raw_toy": median_ratio(toy_rates, "toy_env", "toy_raw"),
         "reset_65536_s": scale["reset_65536_s"],
+        "rssm_env_vs_raw_256": median_ratio(rssm_rates, "rssm_env", "rssm_raw"),
     }
     # Context for batched_vs_sync: how much the model itself gains from batching (cells measured at different
     # times, so a ratio of medians). Sync steps one batch-1 model call per env, so batched_vs_sync_256 stays near
@@ -364,6 +373,10 @@ def main(args: Args) -> dict:
         print(f"- {reason}")
     print("\n| toy model, single env | raw adapter calls | WorldModelEnv | env/raw |\n|---|---|---|---|")
     print(f"| seed tutorial TinyWorldModel | {fmt_rate(toy_raw)} | {fmt_rate(toy_env)} | {headline['single_vs_raw_toy']:.2f} |")
+    rssm_raw, rssm_env = (statistics.median(rssm_rates[k]) for k in ("rssm_raw", "rssm_env"))
+    print(f"\n| rssm.py, CartPoleNoVel-v1 size, N={HEADLINE_N} | raw batched step | WorldModelVectorEnv | env/raw |\n"
+          f"|---|---|---|---|\n| RSSM (GRU 128, 16 x 16 latent, 5 prior heads) | {fmt_rate(rssm_raw)} | "
+          f"{fmt_rate(rssm_env)} | {headline['rssm_env_vs_raw_256']:.2f} |")
     print()
     for key, value in headline.items():
         verdict = "PASS" if meets(key, value) else "MISS"
@@ -379,6 +392,7 @@ def main(args: Args) -> dict:
         "pass": {k: meets(k, v) for k, v in headline.items()},
         "steps_per_second": table_json,
         "toy_steps_per_second": {"raw": toy_raw, "env": toy_env},
+        "rssm_steps_per_second_256": {k: statistics.median(v) for k, v in rssm_rates.items()},
         "scale": scale,
         "mlp_episodes": episodes,
         "model_batching_gain_256_vs_1": batching_gain,

@@ -209,3 +209,30 @@ def vector_case(name: str, envs, actions, seed: int) -> Case:
             envs.step(actions)
 
     return Case(name, run, envs.num_envs, close=envs.close)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recurrent latent model (rssm.py): its own batched step against WorldModelVectorEnv on it
+# ---------------------------------------------------------------------------------------------------------------
+def rssm_cases(n: int, seed: int, env_id: str = "CartPoleNoVel-v1", real_steps: int = 500) -> list[Case]:
+    """`rssm_raw`: RSSMImagination.batched_transition_fn on a fixed state of n rows (the prior step of the default
+    network size: GRU, ensemble of prior heads, reward and continue heads, the halt rule); `rssm_env`: the same
+    model in `imagined_vector_env(n)` as the scripts step it (numpy output, halt 2.0, NEXT_STEP autoreset from
+    posterior start states). The network is fitted for one update on `real_steps` random transitions: what a step
+    costs does not depend on what it learned."""
+    import real_env
+    import rssm
+
+    model = rssm.RSSMModel(env_id, seed=seed, first_updates=1)
+    model.fit(real_env.collect_transitions(env_id, real_steps, seed=seed), seed=seed)
+    im = rssm.RSSMImagination(start="start", halt=2.0)
+    actions = np.random.default_rng(seed).integers(0, model.action_space.n, size=n, dtype=np.int64)
+    state = im.batched_reset_fn(model, seed=np.arange(seed, seed + n, dtype=np.int64))["state"]
+
+    @torch.no_grad()
+    def run_raw(iters: int) -> None:
+        for _ in range(iters):
+            im.batched_transition_fn(model, state, actions)
+
+    envs = model.imagined_vector_env(n, seed=seed, start="start", halt=2.0)
+    return [Case("rssm_raw", run_raw, n), vector_case("rssm_env", envs, actions, seed)]

@@ -60,8 +60,8 @@ class Args:
     """The learner's env steps: imagined ones with a world model, real ones with --world-model none.
     They are split into --real-iterations + 1 equal phases, with --num-envs steps per vector step."""
     world_model: str = "ensemble"
-    """The world model: `ensemble` (the reference MLP ensemble), `none` (no model: the same DQN in the real env), or
-    your own as `path/to/file.py:attr` or `package.module:attr` (see world_model.py for the interface)."""
+    """The world model: `ensemble` (the reference MLP ensemble), `rssm` (the recurrent latent model, for POMDPs and
+    pixels), `none` (no model: the same DQN in the real env), or your own as `path/to/file.py:attr` or `package.module:attr` (see world_model.py for the interface)."""
     world_model_path: Optional[str] = None
     """A world-model checkpoint (train_world_model.py or an earlier run) to start from.
     Without it a model is fitted on --initial-real-steps random real transitions."""

@@ -50,8 +50,8 @@ class Args:
     env_id: str = "CartPole-v1"
     """The id of the real Gymnasium environment (Discrete or 1-D Box actions)."""
     world_model: str = "ensemble"
-    """The world model: `ensemble` (the reference MLP ensemble), `none` (no model: the same PPO in the real env), or
-    your own as `path/to/file.py:attr` or `package.module:attr` (see world_model.py for the interface)."""
+    """The world model: `ensemble` (the reference MLP ensemble), `rssm` (the recurrent latent model, for POMDPs and
+    pixels), `none` (no model: the same PPO in the real env), or your own as `path/to/file.py:attr` or `package.module:attr` (see world_model.py for the interface)."""
     world_model_path: Optional[str] = None
     """A world-model checkpoint to start from (train_world_model.py writes one).
     Without it a model is fitted on --initial-real-steps random real transitions first."""

@@ -331,7 +331,7 @@ class DynaArgs:
     num_threads: int = 1
     """The number of torch threads."""
     world_model: str = "ensemble"
-    """The world model: `ensemble` (the reference MLP ensemble) or your own as `path/to/file.py:attr` or
+    """The world model: `ensemble` (the reference MLP ensemble), `rssm` (the recurrent latent model) or your own as `path/to/file.py:attr` or
     `package.module:attr` (see world_model.py for the interface). These examples train only in imagination: the
     model-free baselines are ppo_imagined.py / sac_imagined.py --world-model none."""
     world_model_path: typing.Optional[str] = None

@@ -54,8 +54,9 @@ class Args:
     total_timesteps: int = 5000
     """The real steps of the whole run, the --initial-real-steps random ones included (imagined ones come on top)."""
     world_model: str = "ensemble"
-    """The world model of the branched rollouts: `ensemble` (the reference MLP ensemble), `none` (plain SAC on the real
-    env: the model-free baseline), or your own as `path/to/file.py:attr` or `package.module:attr` (world_model.py)."""
+    """The world model of the branched rollouts: `ensemble` (the reference MLP ensemble), `rssm` (the recurrent latent
+    model: branches start from the beliefs in the replay), `none` (plain SAC on the real env: the model-free
+    baseline), or your own as `path/to/file.py:attr` or `package.module:attr` (world_model.py)."""
     world_model_path: Optional[str] = None
     """A world-model checkpoint to start from (train_world_model.py or an earlier run; None: fit one here)."""
     vector_env: Literal["auto", "batched", "sync", "async"] = "auto"

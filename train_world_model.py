@@ -2,14 +2,16 @@
 #
 #   python train_world_model.py                        # CartPole-v1, 20k random-policy transitions, ~20 s
 #   python train_world_model.py --env-id Pendulum-v1   # any env with a 1-D Box observation, Discrete or Box actions
+#   python train_world_model.py --env-id PendulumPixels32-v1 --world-model rssm   # the latent model, on pixels
 #   python train_world_model.py --world-model my_model.py:MyModel   # your own model (see world_model.py)
 #
 # 1. collects `--total-timesteps` real transitions with a uniform random policy,
 # 2. fits the world model: the reference ensemble (a probabilistic MLP ensemble that predicts the observation delta,
 #    the reward and termination, sized by the flags below) or the `--world-model` you name (its own `fit`),
-# 3. for a model that can be drawn (the ensemble: it offers `predict`), measures its accuracy on held-out real
-#    episodes (one-step, reward, termination, open-loop k-step) and draws the open-loop figure (held-out real
-#    episodes against the model's prediction from the same start with the same actions) as
+# 3. for a model that can be drawn (the ensemble: `predict`; a latent model such as rssm: `open_loop`, `evaluate`),
+#    measures its accuracy on held-out real episodes (one-step, reward, termination, open-loop k-step) and draws the
+#    open-loop figure (held-out real episodes against the model's prediction with the same actions, from the same
+#    start state or from the belief after 5 real steps; real and imagined frames side by side for pixels) as
 #    runs/{run_name}/open_loop.png and as a TensorBoard image; other models are fitted and saved only,
 # 4. writes runs/{run_name}/world_model.pt (atomic; it carries the real transitions, so Dyna refits of the loaded
 #    model see them), runs/{run_name}/summary.json and TensorBoard scalars under world_model/.
@@ -54,9 +56,10 @@ class Args:
     env_id: str = "CartPole-v1"
     """The id of the real environment (1-D Box observations for the ensemble; Discrete or Box actions)."""
     world_model: str = "ensemble"
-    """The world model to fit: `ensemble` (the reference MLP ensemble, sized by the flags below), or your own as
-    `path/to/file.py:attr` or `package.module:attr` (fitted with its own `fit` and saved; the accuracy report and the
-    open-loop figure need the ensemble's `predict`)."""
+    """The world model to fit: `ensemble` (the reference MLP ensemble, sized by the flags below), `rssm` (the
+    recurrent latent model, its own sizes), or your own as `path/to/file.py:attr` or `package.module:attr` (fitted
+    with its own `fit` and saved; the accuracy report and the open-loop figure need the ensemble's `predict` or a
+    model's own `open_loop` and `evaluate`, as rssm's)."""
     total_timesteps: int = 20000
     """The number of real transitions collected with a uniform random policy."""
     test_fraction: float = 0.1
@@ -175,9 +178,16 @@ if __name__ == "__main__":
                 summary.update({f"k_step_{kind}_{k}": accuracy.get(f"k_step_{kind}_{k}") for k in ensemble.K_STEPS})
             summary["open_loop_figure"] = visualize.write_open_loop(model, test_buf if len(test_buf) else fit_buf,
                                                                     writer, len(buffer))
+        elif callable(getattr(model, "open_loop", None)):  # a latent model (rssm): its own report and rollout
+            import visualize
+
+            if len(test_buf) and callable(getattr(model, "evaluate", None)):
+                summary.update(model.evaluate(test_buf, seed=args.seed))
+            summary["open_loop_figure"] = visualize.write_latent_open_loop(model, test_buf if len(test_buf)
+                                                                           else fit_buf, writer, len(buffer))
         else:
-            print(f"[train_world_model] --world-model {args.world_model} offers no `predict` to draw: fitted and "
-                  "saved only (no accuracy report, no open-loop figure)", flush=True)
+            print(f"[train_world_model] --world-model {args.world_model} offers neither `predict` nor `open_loop` "
+                  "to draw: fitted and saved only (no accuracy report, no open-loop figure)", flush=True)
         summary = run.summary("finished", **summary)
         summary["checkpoint"] = save_checkpoint(summary)["checkpoint"]
         for k, v in summary.items():

@@ -39,6 +39,8 @@ OBS_NAMES = {
     "AcrobotEnv": ["cos θ1", "sin θ1", "cos θ2", "sin θ2", "θ1 velocity", "θ2 velocity"],
     "MountainCarEnv": ["position", "velocity"],
     "Continuous_MountainCarEnv": ["position", "velocity"],
+    "CartPoleNoVelEnv": ["cart position", "pole angle"],
+    "PendulumNoVelEnv": ["cos θ", "sin θ"],
 }
 
 
@@ -372,6 +374,90 @@ def open_loop_figure(model, buffer, num_episodes=3, horizon=60, seed=0, max_dims
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=7)
     return fig
+
+
+def latent_open_loop_figure(model, buffer, num_episodes=2, context=5, horizon=60, num_frames=10, seed=0,
+                             max_dims=MAX_DIMS):
+    """Figure of a model that offers `open_loop(data, episode, context, horizon, seed)` (a latent model such as
+    rssm.RSSMModel, whose state cannot be set from one observation): for `num_episodes` real episodes of `buffer`,
+    the belief filtered over the first `context` real steps, then the model alone over the next `horizon` real
+    actions, decoded. Vector observations: every dimension (up to `max_dims`) and the reward, real (black) against
+    imagined (blue). Pixels (uint8 frames): `num_frames` evenly spaced frames, real row above imagined row, and the
+    reward. Returns a matplotlib Figure (Agg, 100 dpi)."""
+    ids = np.unique(buffer.episode_ids)
+    if len(ids) == 0:
+        raise ValueError("latent_open_loop_figure: the buffer has no transitions")
+    lengths = np.array([int((buffer.episode_ids == i).sum()) for i in ids])
+    order = np.argsort(-lengths, kind="stable")  # the longest episodes show the most of the horizon
+    chosen = sorted(int(i) for i in order[:num_episodes])
+    rollouts = [model.open_loop(buffer, episode=i, context=context, horizon=horizon, seed=seed) for i in chosen]
+    pixels = rollouts[0]["real_obs"].ndim == 4
+    env_id = getattr(model, "env_id", None)
+    title = (f"{env_id or 'world model'}: the belief filtered over {context} real steps, then the model alone over the "
+             f"next real actions (open loop, decoded)")
+    if pixels:
+        fig = new_figure(max(8.0, 0.9 * num_frames + 1.0), 3.3 * len(chosen) + 0.6)
+        rows = fig.subfigures(len(chosen), 1, squeeze=False)[:, 0]
+        for sub, i, out in zip(rows, chosen, rollouts):
+            T = len(out["real_obs"])
+            steps = np.unique(np.linspace(0, max(T - 1, 0), min(num_frames, T)).round().astype(int))
+            axes = sub.subplots(3, len(steps), squeeze=False, gridspec_kw={"height_ratios": [1, 1, 0.9]})
+            for j, t in enumerate(steps):
+                for r, (key, label) in enumerate((("real_obs", "real"), ("imagined_obs", "imagined"))):
+                    ax = axes[r, j]
+                    ax.imshow(out[key][t], interpolation="nearest")
+                    ax.set_xticks([]), ax.set_yticks([])
+                    if j == 0:
+                        ax.set_ylabel(label, fontsize=8)
+                    if r == 0:
+                        ax.set_title(f"step {context + t + 1}", fontsize=7)
+            gs = axes[2, 0].get_gridspec()
+            for ax in axes[2]:
+                ax.remove()
+            ax = sub.add_subplot(gs[2, :])
+            _reward_panel(ax, out, context)
+            ax.set_title(f"episode {int(ids[i])}: reward", fontsize=8)
+            ax.legend(fontsize=7, loc="lower right")
+        fig.suptitle(wrap_to_width(title, 9, fig.get_figwidth() - 0.3), fontsize=9)
+        return fig
+    d = rollouts[0]["real_obs"].shape[1]
+    shown = min(d, max_dims)
+    names = obs_names(model, d)[:shown] + ["reward"]
+    fig = new_figure(max(6.0, 3.2 * len(chosen) + 0.9), 1.5 * (shown + 1) + 0.9)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(shown + 1, len(chosen), squeeze=False, sharex="col")
+    for c, (i, out) in enumerate(zip(chosen, rollouts)):
+        steps = context + 1 + np.arange(len(out["real_obs"]))
+        for r in range(shown):
+            ax = axes[r, c]
+            ax.plot(steps, out["real_obs"][:, r], color="black", lw=1.2, label="real")
+            ax.plot(steps, out["imagined_obs"][:, r], color="tab:blue", lw=1.2, label="imagined")
+            ax.set_ylabel(names[r], fontsize=8) if c == 0 else None
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        axes[0, c].set_title(f"episode {int(ids[i])}", fontsize=9)
+        _reward_panel(axes[shown, c], out, context)
+        axes[shown, c].set_ylabel("reward", fontsize=8) if c == 0 else None
+    axes[0, 0].legend(fontsize=7, loc="best")
+    fig.suptitle(wrap_to_width(title, 9, fig.get_figwidth() - 0.3), fontsize=9)
+    return fig
+
+
+def _reward_panel(ax, out, context):
+    steps = context + 1 + np.arange(len(out["real_reward"]))
+    ax.plot(steps, out["real_reward"], color="black", lw=1.2, label="real reward")
+    ax.plot(steps, out["imagined_reward"], color="tab:blue", lw=1.2, label="imagined reward")
+    ax.set_xlabel("step of the episode", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def write_latent_open_loop(model, buffer, writer, step, name="open_loop"):
+    """`latent_open_loop_figure` as runs/<run>/{name}.png and the TensorBoard image `world_model/{name}`."""
+    fig = latent_open_loop_figure(model, buffer)
+    path = save_figure(fig, os.path.join(writer.log_dir, f"{name}.png"))
+    log_figure(writer, f"world_model/{name}", fig, step)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

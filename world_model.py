@@ -11,6 +11,7 @@ Every script uses a world model through these members and nothing else (README: 
 | `imagined_env(*, seed, horizon, start, halt, gamma)` | one imagined env (a `WorldModelEnv`): SB3's checker, TorchRL's spec check, vector-env thunks |
 | `real_env(env)` | the real env seen through the model: a Gymnasium env whose observations are what the policy sees in imagination (identity for the ensemble; a latent model updates its belief from each real observation and the previous action, and starts over at each reset) |
 | `save(path, extra=None)`, `load(path)` | a checkpoint written atomically; `load` returns the model (it may return a new object) |
+| `open_loop(data, episode, context, horizon, seed)`, `evaluate(data, seed)` | optional, for `train_world_model.py`'s report of a model that is not the ensemble: a decoded open-loop rollout of one real episode (dict of `real_obs`, `imagined_obs`, `real_reward`, `imagined_reward`) and accuracy figures on held-out data (`rssm.RSSMModel` has both) |
 
 `start` is "start" (real reset states) or "buffer" (real states of the data); `halt` is the halt rule's threshold
 (0: off); `horizon` None means the real env's time limit. `WorldModel` below is the base class with the parts that

@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 import benchmark  # noqa: E402
 
-HEADLINE_KEYS = ("batched_vs_raw_256", "batched_vs_sync_256", "single_vs_raw_toy", "reset_65536_s")
+HEADLINE_KEYS = ("batched_vs_raw_256", "batched_vs_sync_256", "single_vs_raw_toy", "reset_65536_s",
+                 "rssm_env_vs_raw_256")
 SCALE_KEYS = ("raw", "raw_member", "env", "env_vs_raw", "rollout", "reset_s", "e2e_ppo")
 
 

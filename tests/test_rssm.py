@@ -4,6 +4,7 @@ Fast: every model here is tiny (TINY) and fitted for a handful of updates; what 
 interface, batched imagination with autoreset, the belief in the real env, checkpoints, pixels end to end), not
 accuracy. `tiny_rssm` is also a `--world-model` spec for the scripts: tests/test_rssm.py:tiny_rssm.
 """
+import json
 import os
 import subprocess
 import sys
@@ -209,3 +210,19 @@ def test_ppo_script_trains_through_the_rssm(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_imagined.py"), "--eval-checkpoint",
                           str(run_dir / "agent.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "real return" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_train_world_model_reports_and_draws_the_rssm(tmp_path):
+    """train_world_model.py with a latent model: its own accuracy report (k-step errors from posterior starts) and
+    the open-loop figure with real and imagined frames (pixels)."""
+    spec = os.path.join(ROOT, "tests", "test_rssm.py") + ":tiny_rssm"
+    cmd = [sys.executable, os.path.join(ROOT, "train_world_model.py"), "--env-id", "PendulumPixels32-v1",
+           "--world-model", spec, "--total-timesteps", "300", "--test-fraction", "0.3"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["k_step_count_1"] > 0
+    assert 0.0 <= summary["k_step_error_1"] < 1.0  # pixels: per-pixel squared error in [0, 1] units
+    assert summary["open_loop_figure"].endswith("open_loop.png") and (run_dir / "open_loop.png").stat().st_size > 0
+    assert (run_dir / "world_model.pt").is_file()
