@@ -334,10 +334,10 @@ if __name__ == "__main__":
                 obs = next_obs
                 ep_return += rewards * keep
                 ep_length += keep
-                for i in np.flatnonzero(prev_done):
-                    recent_returns.append(float(ep_return[i]))
-                    writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
-                    writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
+                if prev_done.any():  # one point per vector step, the mean over the episodes that ended (not a call each)
+                    recent_returns = (recent_returns + ep_return[prev_done].tolist())[-20:]
+                    writer.add_scalar("charts/episodic_return", ep_return[prev_done].mean(), global_step)
+                    writer.add_scalar("charts/episodic_length", ep_length[prev_done].mean(), global_step)
                 ep_return[prev_done], ep_length[prev_done] = 0.0, 0.0
 
                 # training: gradient phases of Double DQN on replay samples

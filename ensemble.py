@@ -442,18 +442,24 @@ class EnsembleModel(world_model.WorldModel):
         self.data = data
         return metrics
 
-    def _settings(self, horizon, start, halt, gamma, sample_noise):
+    def _settings(self, horizon, start, halt, gamma, sample_noise, disagreement):
         if self.net is None:
             raise ValueError("EnsembleModel: fit() or load() it before imagining")
-        return dict(horizon=horizon, start=start, halt=halt, gamma=gamma, sample_noise=sample_noise)
+        return dict(horizon=horizon, start=start, halt=halt, gamma=gamma, sample_noise=sample_noise,
+                    disagreement=disagreement)
 
-    def imagined_env(self, *, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99, sample_noise=False):
-        return make_imagined_env(self.net, seed=seed, **self._settings(horizon, start, halt, gamma, sample_noise))
+    # disagreement=False with halt 0: each row runs only its own member (about ensemble_size x fewer FLOPs) and
+    # info carries no "disagreement" (ensemble_imagination.Imagination); the scripts keep the default
+    def imagined_env(self, *, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99, sample_noise=False,
+                     disagreement=True):
+        return make_imagined_env(self.net, seed=seed,
+                                 **self._settings(horizon, start, halt, gamma, sample_noise, disagreement))
 
     def imagined_vector_env(self, num_envs, *, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99,
-                            sample_noise=False, output="numpy", autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP):
+                            sample_noise=False, output="numpy", autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+                            disagreement=True):
         return make_imagined_vector_env(self.net, num_envs, seed=seed, output=output, autoreset_mode=autoreset_mode,
-                                        **self._settings(horizon, start, halt, gamma, sample_noise))
+                                        **self._settings(horizon, start, halt, gamma, sample_noise, disagreement))
 
     def predict(self, obs, action, members=None, noise=None):
         """The network's one batched step (see `EnsembleWorldModel.predict`): what the pictures draw."""

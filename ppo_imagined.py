@@ -359,6 +359,7 @@ if __name__ == "__main__":
         global_step, dyna_rounds, last_eval = 0, 0, 0
         dyna_every = max(1, num_iterations // (args.real_iterations + 1))
         next_obs, _ = envs.reset(seed=local.seed)
+        torch_envs = isinstance(next_obs, torch.Tensor)  # the batched env's torch output (a GPU): actions stay there
         next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
         next_done = torch.zeros(local.num_envs, device=device)  # the row finished: its next step is a reset step
         disc_return = torch.zeros(local.num_envs, device=device)
@@ -381,7 +382,8 @@ if __name__ == "__main__":
                     values[step] = value.flatten()
                 actions[step], logprobs[step] = action, logprob
 
-                next_obs, reward, terminated, truncated, _ = envs.step(real_env.clip_action(action, action_space))
+                env_action = real_env.clip_action(action, action_space, keep_tensor=torch_envs)  # no host copy
+                next_obs, reward, terminated, truncated, _ = envs.step(env_action)
                 next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
                 reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
                 terminated = torch.as_tensor(terminated, device=device).bool()

@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 import envs  # noqa: F401  (registers the POMDP and pixel ids: CartPoleNoVel-v1, PendulumNoVel-v1, PendulumPixels-v1)
+from world_model_env import _is_tensor, _torch
 from world_model_env import _to_numpy as to_numpy  # noqa: F401  (numpy from arrays and tensors alike)
 
 
@@ -153,9 +154,22 @@ def seen_through(model, env):
     return (raw if model is None else model.real_env(raw)), raw
 
 
-def clip_action(actions, action_space):
+_TORCH_BOUNDS = {}  # (low, high, device) -> the Box bounds as tensors there
+
+
+def clip_action(actions, action_space, keep_tensor=False):
     """Box actions are clipped to the bounds where they enter an env (never inside the learner: the log-prob and
-    the replay buffer keep the action the policy sampled); Discrete actions pass unchanged."""
+    the replay buffer keep the action the policy sampled); Discrete actions pass unchanged. NumPy out, or with
+    `keep_tensor` a torch tensor stays one on its device (an imagined env with torch output: no host copy)."""
+    if keep_tensor and _is_tensor(actions):
+        torch = _torch()
+        if not isinstance(action_space, gym.spaces.Box):
+            return actions
+        key = (action_space.low.tobytes(), action_space.high.tobytes(), str(actions.device), actions.dtype)
+        if key not in _TORCH_BOUNDS:  # one host->device copy per space and device, not one per step
+            _TORCH_BOUNDS[key] = tuple(torch.as_tensor(b, dtype=actions.dtype, device=actions.device)
+                                       for b in (action_space.low, action_space.high))
+        return torch.clamp(actions, *_TORCH_BOUNDS[key])
     if isinstance(action_space, gym.spaces.Box):
         return np.clip(to_numpy(actions), action_space.low, action_space.high).astype(action_space.dtype)
     return to_numpy(actions)

@@ -497,11 +497,12 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
     def step(self, actions):
         if self._state is None:
             raise ResetNeeded(f"{self._owner}: call reset() before step().")
-        actions = self._check_actions(actions)
+        given = actions
+        actions, actions_ok = self._check_actions(actions)
         with _no_grad():  # one context for the whole step: the adapters and the reset rows' writes
-            return self._step(actions)
+            return self._step(actions, given, actions_ok)
 
-    def _step(self, actions):
+    def _step(self, actions, given, actions_ok):
         if self.action_transform_fn is not None:
             actions = self.action_transform_fn(self.model, actions)
         out = self.transition_fn(self.model, self._state, actions)
@@ -528,7 +529,9 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
             terminated[idx] = False
             truncated[idx] = False
         done = terminated | truncated
-        rows = self._finite_done_rows("transition_fn", obs, reward, done, reset_rows)
+        # torch output: the action check's flag comes to the host in this one sync
+        rows = self._finite_done_rows("transition_fn", obs, reward, done, reset_rows,
+                                      actions_check=None if actions_ok is None else (actions_ok, given))
         if self.autoreset_mode is AutoresetMode.NEXT_STEP:
             self._autoreset_rows = rows
         elif len(rows):  # SAME_STEP: report the final observations, then reset the finished rows in place
@@ -577,21 +580,27 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
     def _index(self, rows: np.ndarray):
         return _torch().from_numpy(rows).to(self.device) if self._torch_out else rows  # from_numpy: cheaper
 
-    def _finite_done_rows(self, adapter: str, obs, reward=None, done=None, reset_rows=_NO_ROWS, rows=None):
+    def _finite_done_rows(self, adapter: str, obs, reward=None, done=None, reset_rows=_NO_ROWS, rows=None,
+                          actions_check=None):
         """Raise on NaN/Inf; return the host indices of the ``done`` rows.
 
-        The fast check is one sum (NaN/Inf propagate through it); in torch mode the sum's finiteness and the done
-        flags come to the host in one transfer. Only when the sum is not finite do we look for the culprits
-        (a sum that merely overflowed passes). ``rows`` maps ``obs`` rows to env indices for the error message.
+        The fast check is one sum (NaN/Inf propagate through it); in torch mode the sum's finiteness, the action
+        check (``actions_check``: a device flag and the actions given, raised on first) and the done flags come to
+        the host in one transfer. Only when the sum is not finite do we look for the culprits (a sum that merely
+        overflowed passes). ``rows`` maps ``obs`` rows to env indices for the error message.
         """
         total = 0.0 if reward is None else reward.sum()
         if self._obs_float:
             total = total + obs.sum(dtype=self._reward_dtype)
         if self._torch_out:
             torch = _torch()
-            total = torch.as_tensor(total, device=self.device).isfinite().reshape(1)
-            host = (total if done is None else torch.cat((total, done))).cpu().numpy()  # the one sync
-            ok, done_rows = host[0], host[1:].nonzero()[0]
+            parts = [torch.as_tensor(total, device=self.device).isfinite().reshape(1)]
+            parts += [] if actions_check is None else [actions_check[0].reshape(1)]
+            host = torch.cat(parts + ([] if done is None else [done])).cpu().numpy()  # the one sync
+            ok, done_rows = host[0], host[len(parts):].nonzero()[0]
+            if actions_check is not None and not host[1]:  # the cause before its effects (NaN from bad actions)
+                self._state = None  # counters and seed streams moved this step: reset() before the next one
+                raise self._bad_actions(actions_check[1])
         else:
             ok = math.isfinite(total)
             done_rows = _NO_ROWS if done is None else done.nonzero()[0]
@@ -663,7 +672,10 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         return x != 0
 
     def _check_actions(self, actions):
-        """Validate before the model sees them (an out-of-range index on a GPU is a device assert, not an error)."""
+        """Validate before the model sees them (an out-of-range index on a GPU is a device assert, not an error).
+        Returns (actions, None) when checked here, or, for torch output, (actions, ok) with `ok` a device flag that
+        `_finite_done_rows` brings to the host in the step's one sync; out-of-range Discrete actions are clamped
+        for the model meanwhile, and the step raises before it returns (the env then needs a reset())."""
         space = self.single_action_space
         actions = self._convert(actions)
         if tuple(actions.shape) != self.action_space.shape:
@@ -675,7 +687,8 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
             if kind not in "iu":
                 ok = False
             elif self._torch_out:
-                ok = bool((actions.min() >= lo) & (actions.max() < hi))  # one sync
+                ok = (actions >= lo).all() & (actions < hi).all()
+                return actions.clamp(lo, hi - 1), ok
             else:  # one reduction: below-range values wrap to huge ones when read as unsigned
                 shifted = actions if lo == 0 else actions - lo
                 ok = int(shifted.view(f"u{shifted.itemsize}").max()) < space.n
@@ -685,6 +698,7 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
             low, high = self._action_bounds
             if self._torch_out:
                 actions = actions.to(low.dtype)
+                return actions, ((actions >= low) & (actions <= high)).all()
             elif np.can_cast(actions.dtype, space.dtype, casting="same_kind"):
                 actions = actions.astype(space.dtype, copy=False)
             else:
@@ -693,7 +707,10 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         else:  # MultiDiscrete / MultiBinary: rare here, use the space's own check on the host
             ok = self.action_space.contains(_to_numpy(actions).astype(self.action_space.dtype))
         if not ok:
-            raise ValueError(f"{self._owner}.step: some actions are outside action_space {space} (got "
-                             f"{_describe(actions)}). Pass actions from env.action_space; clip continuous actions to "
-                             "the bounds.")
-        return actions
+            raise self._bad_actions(actions)
+        return actions, None
+
+    def _bad_actions(self, actions):
+        return ValueError(f"{self._owner}.step: some actions are outside action_space {self.single_action_space} "
+                          f"(got {_describe(actions)}). Pass actions from env.action_space; clip continuous actions "
+                          "to the bounds.")

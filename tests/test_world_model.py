@@ -347,6 +347,25 @@ def test_box_actions_are_clipped_where_they_enter_the_real_env(monkeypatch):
     assert len(seen) == 220 and max(abs(float(a[0])) for a in seen) == 2.0
 
 
+def test_clip_action_keeps_a_tensor_on_its_device_when_asked():
+    box = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
+    clipped = real_env.clip_action(torch.tensor([[7.0], [-7.0]]), box, keep_tensor=True)
+    assert isinstance(clipped, torch.Tensor) and clipped.flatten().tolist() == [2.0, -2.0]
+    assert isinstance(real_env.clip_action(torch.tensor([[7.0]]), box), np.ndarray)  # NumPy for real envs
+
+
+def test_the_member_only_step_is_a_pass_through(cartpole_model):
+    model = ensemble.EnsembleModel("CartPole-v1")
+    model.net = cartpole_model
+    steps = []
+    for disagreement in (True, False):
+        envs = model.imagined_vector_env(8, seed=0, disagreement=disagreement)
+        envs.reset(seed=0)
+        steps.append(envs.step(np.zeros(8, dtype=np.int64)))
+    assert "disagreement" in steps[0][4] and "disagreement" not in steps[1][4]
+    np.testing.assert_allclose(steps[0][0], steps[1][0], rtol=1e-5, atol=1e-6)  # the same rows, fewer FLOPs
+
+
 def test_evaluate_in_real_env_is_deterministic():
     policy = lambda o: (o[:, 2] + 0.5 * o[:, 3] > 0).astype(np.int64)  # noqa: E731 (a decent CartPole heuristic)
     r1, l1 = real_env.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)

@@ -454,6 +454,27 @@ def torch_transition(model, state, action):
     return {"state": next_state, "observation": next_state.clone(), "reward": -norm, "terminated": norm < 0.05}
 
 
+def test_torch_output_checks_actions_in_the_steps_one_sync():
+    """output="torch": the action check travels to the host with the done flags (one sync a step); a bad action
+    still raises the numpy path's error, the model never sees an out-of-range index, and the env needs a reset."""
+    seen = []
+
+    def transition_fn(model, state, action):
+        seen.append(torch.as_tensor(action).clone())
+        return torch_transition(model, state, action)
+
+    vt = batched(4, reset_fn=torch_reset, transition_fn=transition_fn, action_transform_fn=None, output="torch")
+    vt.reset(seed=0)
+    vt.step(torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="outside action_space Discrete"):
+        vt.step(torch.tensor([0, 1, 7, -1]))
+    assert int(seen[-1].min()) >= 0 and int(seen[-1].max()) <= 2  # clamped for the model
+    with pytest.raises(ResetNeeded):
+        vt.step(torch.tensor([0, 1, 2, 0]))
+    vt.reset(seed=0)
+    vt.step(torch.tensor([0, 1, 2, 0]))
+
+
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
 def test_torch_output_matches_numpy(mode):
     vnp = batched(6, autoreset_mode=mode, max_episode_steps=7)
