@@ -6,6 +6,7 @@ accuracy. `tiny_rssm` is also a `--world-model` spec for the scripts: tests/test
 """
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -226,3 +227,32 @@ def test_train_world_model_reports_and_draws_the_rssm(tmp_path):
     assert 0.0 <= summary["k_step_error_1"] < 1.0  # pixels: per-pixel squared error in [0, 1] units
     assert summary["open_loop_figure"].endswith("open_loop.png") and (run_dir / "open_loop.png").stat().st_size > 0
     assert (run_dir / "world_model.pt").is_file()
+
+
+SPEC = os.path.join(ROOT, "tests", "test_rssm.py") + ":tiny_rssm"
+DYNA = ["--initial-real-steps", "200", "--eval-episodes", "1", "--refit-passes", "1", "--total-timesteps"]
+
+
+@pytest.mark.parametrize("script, env_id, flags, real_steps", [
+    ("dqn_imagined.py", "CartPoleNoVel-v1", DYNA + ["320", "--real-iterations", "1", "--real-steps-per-iteration",
+                                                    "100", "--learning-starts", "100", "--num-envs", "4"], 300),
+    # SAC fills its replay with random steps of its own through the belief (the model's data are observations)
+    ("sac_imagined.py", "PendulumNoVel-v1", DYNA + ["450", "--utd-ratio", "1", "--refit-every", "100",
+                                                    "--rollout-batch-size", "64", "--imagined-horizon", "2"], 450),
+    ("sb3_example.py", "PendulumNoVel-v1", DYNA + ["256", "--algo", "sac", "--real-iterations", "1",
+                                                   "--real-steps-per-iteration", "100", "--num-envs", "4"], 300),
+    ("torchrl_example.py", "CartPoleNoVel-v1", DYNA + ["256", "--real-iterations", "1", "--real-steps-per-iteration",
+                                                       "100", "--num-envs", "4", "--frames-per-batch", "128",
+                                                       "--minibatch-size", "64", "--update-epochs", "1"], 300),
+])
+def test_every_script_trains_through_the_rssm(tmp_path, monkeypatch, script, env_id, flags, real_steps):
+    """dqn, sac (branches from the beliefs in its replay), SB3 and TorchRL with a latent model: fit, imagined
+    training, a refit on data collected through the belief, the real evaluation, the saved model."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, "--env-id", env_id, "--world-model", SPEC, *flags])
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["world_model"] == SPEC
+    assert summary["real_env_steps"] == real_steps and summary["imagined_steps"] > 0
+    assert np.isfinite(summary["real_return_mean"]) and (run_dir / "world_model.pt").is_file()
