@@ -236,8 +236,9 @@ DYNA = ["--initial-real-steps", "200", "--eval-episodes", "1", "--refit-passes",
 @pytest.mark.parametrize("script, env_id, flags, real_steps", [
     ("dqn_imagined.py", "CartPoleNoVel-v1", DYNA + ["320", "--real-iterations", "1", "--real-steps-per-iteration",
                                                     "100", "--learning-starts", "100", "--num-envs", "4"], 300),
-    # SAC fills its replay with random steps of its own through the belief (the model's data are observations)
-    ("sac_imagined.py", "PendulumNoVel-v1", DYNA + ["450", "--utd-ratio", "1", "--refit-every", "100",
+    # SAC fills its replay with random steps of its own through the belief (the model's data are observations);
+    # on pixels: the pixel path of a training script end to end
+    ("sac_imagined.py", "PendulumPixels32-v1", DYNA + ["450", "--utd-ratio", "1", "--refit-every", "100",
                                                     "--rollout-batch-size", "64", "--imagined-horizon", "2"], 450),
     ("sb3_example.py", "PendulumNoVel-v1", DYNA + ["256", "--algo", "sac", "--real-iterations", "1",
                                                    "--real-steps-per-iteration", "100", "--num-envs", "4"], 300),
