@@ -1,5 +1,6 @@
 """train_world_model.py with --world-model: a model of your own is fitted and saved (no accuracy report: that needs
-the ensemble's `predict`), models with nothing to fit are refused, and an interrupted fit keeps its run dir.
+the ensemble's `predict` or a model's `open_loop`), models with nothing to fit are refused, and an interrupted fit
+keeps its run dir.
 (The ensemble's tiny run and the bad-flag checks are in test_world_model.py.)"""
 import json
 import os
@@ -55,7 +56,7 @@ def mean_model(tmp_path):
 def test_own_model_is_fitted_and_saved_without_accuracy_report(tmp_path, mean_model):
     out = run_script(tmp_path, "--world-model", mean_model, "--total-timesteps", "200")
     assert out.returncode == 0, out.stderr
-    assert "offers no `predict` to draw: fitted and saved only" in out.stdout
+    assert "offers neither `predict` nor `open_loop` to draw: fitted and saved only" in out.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_model"] == mean_model
