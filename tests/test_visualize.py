@@ -332,7 +332,7 @@ def test_plot_runs_empty_dir_error(tmp_path):
 @pytest.mark.parametrize("script, flags", [
     ("dqn_imagined.py", ["--total-timesteps", "400", "--num-envs", "4", "--learning-starts", "100"]),
     ("sac_imagined.py", ["--env-id", "Pendulum-v1", "--total-timesteps", "300", "--initial-real-steps", "200",
-                         "--utd-ratio", "1"]),
+                         "--utd-ratio", "1", "--rollout-batch-size", "256", "--refit-passes", "1"]),
 ])
 def test_capture_video_flag_writes_real_and_dream_videos(tmp_path, script, flags):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
