@@ -32,6 +32,25 @@ def check_spaces_supported(observation_space, action_space, where):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
+def register_reward_and_action_buffers(module, action_space, discrete):
+    """The buffers both reference models (this ensemble and rssm_net.RSSMNet) keep, set at each fit: the imagined
+    reward's clip range, the lowest real rewards of non-terminal and of terminal steps (the halt rule's lower bound
+    on a return), the 99th percentile of the disagreement on real data (the halt rule's unit), and the Box action
+    bounds (empty for Discrete actions)."""
+    module.register_buffer("reward_clip", torch.tensor([-1e6, 1e6]))
+    module.register_buffer("reward_min", torch.zeros(()))
+    module.register_buffer("terminal_reward_min", torch.zeros(()))
+    module.register_buffer("disagreement_ref", torch.ones(()))
+    if discrete:
+        module.register_buffer("act_low", torch.zeros(0))
+        module.register_buffer("act_high", torch.zeros(0))
+    else:
+        module.register_buffer("act_low", torch.as_tensor(np.nan_to_num(action_space.low, neginf=-1e6),
+                                                          dtype=torch.float32))
+        module.register_buffer("act_high", torch.as_tensor(np.nan_to_num(action_space.high, posinf=1e6),
+                                                           dtype=torch.float32))
+
+
 class EnsembleLinear(nn.Module):
     """E independent linear layers evaluated with one batched matmul: (E,B,in) or (B,in) -> (E,B,out)."""
 
@@ -104,18 +123,7 @@ class EnsembleWorldModel(nn.Module):
         # imagination clip range: data range widened by its own width, intersected with the space bounds
         self.register_buffer("obs_clip_low", torch.full((self.obs_dim,), -1e6))
         self.register_buffer("obs_clip_high", torch.full((self.obs_dim,), 1e6))
-        self.register_buffer("reward_clip", torch.tensor([-1e6, 1e6]))
-        # lowest real rewards of non-terminal and of terminal steps: the halt rule's lower bound on a return
-        self.register_buffer("reward_min", torch.zeros(()))
-        self.register_buffer("terminal_reward_min", torch.zeros(()))
-        # 99th percentile of the members' disagreement on real (obs, action) pairs: the halt rule's unit
-        self.register_buffer("disagreement_ref", torch.ones(()))
-        if self.discrete:
-            self.register_buffer("act_low", torch.zeros(0))
-            self.register_buffer("act_high", torch.zeros(0))
-        else:
-            self.register_buffer("act_low", torch.as_tensor(np.nan_to_num(action_space.low, neginf=-1e6), dtype=torch.float32))
-            self.register_buffer("act_high", torch.as_tensor(np.nan_to_num(action_space.high, posinf=1e6), dtype=torch.float32))
+        register_reward_and_action_buffers(self, action_space, self.discrete)
         self.register_buffer("start_obs", torch.zeros(0, self.obs_dim), persistent=False)
         self.register_buffer("buffer_obs", torch.zeros(0, self.obs_dim), persistent=False)
         # the real transitions behind a loaded checkpoint (a TransitionBuffer), None when it carries none; Dyna

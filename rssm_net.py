@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ensemble import EnsembleLinear
+from ensemble_net import register_reward_and_action_buffers
 from ensemble_imagination import _draw_bits32
 from real_env import to_numpy
 
@@ -155,16 +156,7 @@ class RSSMNet(nn.Module):
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_std", torch.ones(()))
         self.register_buffer("reward_constant", torch.zeros((), dtype=torch.bool))  # CartPole's 1: reproduced exactly
-        self.register_buffer("reward_clip", torch.tensor([-1e6, 1e6]))
-        self.register_buffer("reward_min", torch.zeros(()))
-        self.register_buffer("terminal_reward_min", torch.zeros(()))
-        self.register_buffer("disagreement_ref", torch.ones(()))
-        if self.discrete:
-            self.register_buffer("act_low", torch.zeros(0))
-            self.register_buffer("act_high", torch.zeros(0))
-        else:
-            self.register_buffer("act_low", torch.as_tensor(np.nan_to_num(action_space.low, neginf=-1e6)).float())
-            self.register_buffer("act_high", torch.as_tensor(np.nan_to_num(action_space.high, posinf=1e6)).float())
+        register_reward_and_action_buffers(self, action_space, self.discrete)  # the halt rule's, as the ensemble's
         # posterior states of the real data (recomputed after each fit): where imagined episodes start
         # (the posterior's distributions are kept with the uniform mix applied: a reset only gathers and samples)
         for name, shape in (("start_deter", (0, deter)), ("start_probs", (0, groups, classes)),
