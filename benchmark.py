@@ -417,6 +417,7 @@ def main(args: Args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 SCALE_HORIZON = 200  # imagined episodes end only here: the models have no learned endings
 E2E_STEPS = 128  # PPO's rollout length (ppo_imagined.py's default)
+E2E_ITERATIONS = 4  # the rate is taken over iterations 2..4: the first pays one-off costs (CUDA kernels load lazily)
 
 
 def scale_net(name: str, device: str, seed: int):
@@ -493,9 +494,11 @@ def scale_cases(net, n: int, seed: int, sync: Callable[[], None]) -> list[Case]:
 
 
 def e2e_ppo(net, n: int, args: Args, workdir: str) -> float:
-    """End-to-end imagined PPO steps/s (rollout + GAE + update; ppo_imagined.py's train_seconds): the script in a
-    subprocess on the saved model, --num-envs n, 2 iterations of 128 steps, no Dyna round, one final episode."""
-    import json
+    """End-to-end imagined PPO steps/s (rollout + GAE + update): the script in a subprocess on the saved model,
+    --num-envs n, E2E_ITERATIONS iterations of 128 steps, no Dyna round, one final episode. The rate is the steady
+    one, between the first and the last iteration's status lines (`step S ... SPS R`: R = S / training seconds so
+    far), so the first iteration's one-off costs (lazy CUDA module loading, allocator growth) stay out."""
+    import re
     import subprocess
 
     import ensemble
@@ -505,18 +508,19 @@ def e2e_ppo(net, n: int, args: Args, workdir: str) -> float:
         ensemble.save_world_model(net, path)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ppo_imagined.py")
     cmd = [sys.executable, script, "--world-model-path", path, "--num-envs", str(n), "--num-steps", str(E2E_STEPS),
-           "--total-timesteps", str(2 * n * E2E_STEPS), "--eval-every", "0", "--real-iterations", "0",
+           "--total-timesteps", str(E2E_ITERATIONS * n * E2E_STEPS), "--eval-every", "0", "--real-iterations", "0",
            "--imagined-horizon", str(SCALE_HORIZON), "--halt-threshold", "0", "--eval-episodes", "1",
            "--num-threads", str(args.num_threads), "--seed", str(args.seed), "--exp-name", f"bench_{n}"]
-    cmd += ["--no-cuda"] if args.device == "cpu" else []
+    cmd += ["--no-cuda"] if args.device == "cpu" else ["--cuda-min-envs", "0"]  # the device asked for, at any N
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark.py: the end-to-end PPO run failed:\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    runs = os.path.join(workdir, "runs")
-    (run_dir,) = [d for d in os.listdir(runs) if f"__bench_{n}__" in d]
-    with open(os.path.join(runs, run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    return summary["global_step"] / summary["train_seconds"]
+    points = [(int(step), int(sps)) for step, sps in re.findall(r"iter \d+/\d+ step (\d+) .*SPS (\d+)", proc.stdout)]
+    if len(points) != E2E_ITERATIONS:
+        raise SystemExit(f"benchmark.py: expected {E2E_ITERATIONS} status lines from the end-to-end PPO run, found "
+                         f"{len(points)}:\n{' '.join(cmd)}\n{proc.stdout[-3000:]}")
+    (first_step, first_sps), (last_step, last_sps) = points[0], points[-1]
+    return (last_step - first_step) / (last_step / last_sps - first_step / first_sps)
 
 
 def scale_table(args: Args) -> dict:

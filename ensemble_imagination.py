@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from real_env import to_numpy
+from real_env import to_device, to_numpy
 from world_model_env import WorldModelEnv, WorldModelVectorEnv
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ class Imagination:
         member draws. Autoresets pass no options, so later episodes of a row start from the pool again."""
         if seed is None:
             seed = np.random.randint(0, 2**31 - 1, size=(1,))
-        s = torch.as_tensor(_seed_to_rng_state(np.asarray(seed).reshape(-1)), device=model.device)
+        s = to_device(_seed_to_rng_state(np.asarray(seed).reshape(-1)), model.device)  # autoresets: no GPU sync
         if options and options.get("states") is not None:
             obs = torch.as_tensor(to_numpy(options["states"]), dtype=torch.float32, device=model.device)
             obs = obs.reshape(-1, model.obs_dim).clone()

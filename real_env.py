@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 import envs  # noqa: F401  (registers the POMDP and pixel ids: CartPoleNoVel-v1, PendulumNoVel-v1, PendulumPixels-v1)
+from world_model_env import _host_to_device as to_device  # noqa: F401  (host array -> tensor, no GPU sync)
 from world_model_env import _is_tensor, _torch
 from world_model_env import _to_numpy as to_numpy  # noqa: F401  (numpy from arrays and tensors alike)
 

@@ -45,7 +45,7 @@ import torch.nn as nn
 import world_model
 from ensemble import _describe_space_difference, _space_from_dict, _space_to_dict
 from ensemble_imagination import _draw_index, _seed_to_rng_state
-from real_env import TransitionBuffer, make_real_env, to_numpy
+from real_env import TransitionBuffer, make_real_env, to_device, to_numpy
 from rssm_net import RSSMNet, _entropy, _is_pixels, _rng_uniforms, _sample_onehot, _unimix, check_spaces_supported
 from run_io import json_safe, save_torch_atomic
 from world_model_env import WorldModelEnv, WorldModelVectorEnv
@@ -144,8 +144,8 @@ class RSSMImagination:
         if seed is None:
             seed = np.random.randint(0, 2**31 - 1, size=(1,))
         seeds = np.asarray(seed, dtype=np.int64).reshape(-1, 1)
-        s = torch.as_tensor(_seed_to_rng_state(seeds * net.groups + np.arange(net.groups)).reshape(-1, net.groups),
-                            device=net.device)
+        s = to_device(_seed_to_rng_state(seeds * net.groups + np.arange(net.groups)).reshape(-1, net.groups),
+                      net.device)  # autoresets: no GPU sync
         if options and options.get("states") is not None:  # features [h, z] given: they are the state
             feat = torch.as_tensor(to_numpy(options["states"]), dtype=torch.float32, device=net.device)
             feat = feat.reshape(-1, net.feat_dim)

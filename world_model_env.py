@@ -29,6 +29,7 @@ from seed_stream import stream_next, stream_nexts, stream_start, stream_starts  
 __all__ = ["WorldModelEnv", "WorldModelVectorEnv", "AdapterError", "AutoresetMode"]
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)  # no row finished (seedless resets' seeds: seed_stream.py)
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # Discrete range check: one reduction
 
 
 class AdapterError(ValueError):
@@ -40,11 +41,28 @@ def _torch():
     return sys.modules.get("torch")
 
 
+class _GradOff:
+    """``torch.no_grad()`` for the step's hot path: the same switch, without building a decorator-capable context
+    object every step (about 20 us on a slow CPU, a tenth of a small model's step)."""
+
+    __slots__ = ("torch", "prev")
+
+    def __init__(self, torch):
+        self.torch, self.prev = torch, True
+
+    def __enter__(self):
+        self.prev = self.torch.is_grad_enabled()
+        self.torch._C._set_grad_enabled(False)
+
+    def __exit__(self, *exc):
+        self.torch._C._set_grad_enabled(self.prev)
+
+
 def _no_grad():
     """Model state in an env never needs autograd history: adapters run, and reset rows are written, without it
     (a reset_fn that tracks gradients would otherwise fail to write into a state made under no_grad)."""
     torch = _torch()
-    return torch.no_grad() if torch is not None else contextlib.nullcontext()
+    return _GradOff(torch) if torch is not None else contextlib.nullcontext()
 
 
 def _is_tensor(x: Any) -> bool:
@@ -54,6 +72,25 @@ def _is_tensor(x: Any) -> bool:
 
 def _to_numpy(x: Any) -> np.ndarray:
     return x.numpy(force=True) if _is_tensor(x) else np.asarray(x)  # force: detach and copy to host if needed
+
+
+def _host_to_device(x: np.ndarray, device: Any):
+    """A host array as a tensor on ``device``. To a GPU through pinned memory without blocking: torch's plain
+    copy from pageable memory waits for the stream to drain, a host sync of its own in every step that resets."""
+    torch = _torch()
+    t = torch.from_numpy(np.ascontiguousarray(x))  # from_numpy: cheaper than as_tensor
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _tensor_numpy(x: Any) -> np.ndarray:
+    """A tensor as NumPy: a view for a plain CPU tensor (the step's case), else ``numpy(force=True)``'s copy.
+    ``force=True`` alone costs four dispatches even when it has nothing to do."""
+    try:
+        return x.numpy()
+    except (RuntimeError, TypeError):  # requires grad, or not on the CPU
+        return x.numpy(force=True)
 
 
 def _describe(x: Any) -> str:
@@ -332,6 +369,10 @@ def _scatter(dst: Any, rows: np.ndarray, src: Any, where: str, index: Any = None
     try:
         if _is_tensor(dst):
             torch = _torch()
+            if index is None and _is_tensor(src) and src.dtype == dst.dtype and dst.device.type == "cpu" == \
+                    src.device.type and not dst.requires_grad:  # a NumPy view: far fewer dispatches than index_copy_
+                dst.numpy()[rows] = src.numpy()
+                return dst
             if index is None or index.device != dst.device:
                 index = torch.from_numpy(rows).to(dst.device)
             if not (_is_tensor(src) and src.dtype == dst.dtype and src.device == dst.device):
@@ -440,6 +481,7 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         self._state: Any = None
         self._steps: Any = None
         self._autoreset_rows = _NO_ROWS  # host indices of the rows that finished last step (NEXT_STEP)
+        self._autoreset_mask = None  # ... and the same rows as last step's done mask, in the output kind
         self._action_bounds = None  # Box bounds in the output kind, made at the first step
 
         self._torch_out = output == "torch"
@@ -511,29 +553,35 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
             raise AdapterError(f"{self._owner}: transition_fn returned a state with leading dimension "
                                f"{_leading_dim(state)}, expected {self.num_envs}.")
         obs = self._as_obs(obs, "transition_fn", self.num_envs)
-        # reward and flags are fresh copies: the env writes the reset rows into them
-        reward = self._as_vector(reward, "reward")
-        terminated = self._as_vector(terminated, "terminated")
-        truncated = self._as_vector(out["truncated"], "truncated") if "truncated" in out else terminated & False
-        self._steps += 1
-        if self.max_episode_steps is not None:
-            truncated |= self._steps >= self.max_episode_steps
+        # NEXT_STEP: rows that finished last step start over and their transition is discarded. Last step's done
+        # mask clears them: one op per array (reward, flags and counters are fresh copies the env may write)
+        reset_rows = self._autoreset_rows
+        clear = self._autoreset_mask if len(reset_rows) else None
+        reward = self._as_vector(reward, "reward", clear)
+        terminated = self._as_vector(terminated, "terminated", clear)
+        steps = self._steps
+        steps += 1
+        if clear is not None:
+            self._fill(steps, clear, 0)
+        if "truncated" in out:
+            truncated = self._as_vector(out["truncated"], "truncated", clear)
+            if self.max_episode_steps is not None:
+                truncated |= steps >= self.max_episode_steps
+        elif self.max_episode_steps is not None:
+            truncated = steps >= self.max_episode_steps  # 0 in the reset rows
+        else:
+            truncated = terminated & False
         info = _check_info(self._owner, "transition_fn", out.get("info"))
         if info and not self._torch_out:  # numpy output means numpy everywhere, infos included
             info = {k: _to_numpy(v) if _is_tensor(v) else v for k, v in info.items()}
-
-        reset_rows = self._autoreset_rows
-        if len(reset_rows):  # NEXT_STEP: rows that finished last step start over; their transition is discarded
-            state, idx = self._reset_rows(reset_rows, state, obs, check=False)  # checked below, in the same sync
-            reward[idx] = 0.0
-            terminated[idx] = False
-            truncated[idx] = False
+        if clear is not None:
+            state = self._reset_rows(reset_rows, state, obs, check=False)  # checked below, in the same sync
         done = terminated | truncated
         # torch output: the action check's flag comes to the host in this one sync
         rows = self._finite_done_rows("transition_fn", obs, reward, done, reset_rows,
                                       actions_check=None if actions_ok is None else (actions_ok, given))
         if self.autoreset_mode is AutoresetMode.NEXT_STEP:
-            self._autoreset_rows = rows
+            self._autoreset_rows, self._autoreset_mask = rows, done
         elif len(rows):  # SAME_STEP: report the final observations, then reset the finished rows in place
             if self._torch_out:
                 final_obs = obs.clone()
@@ -542,7 +590,8 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
                 final_obs[rows] = list(obs[rows])
             info = {**info, "final_obs": final_obs, "_final_obs": done,
                     "final_info": _final_info(info, done, rows), "_final_info": done}
-            state, _ = self._reset_rows(rows, state, obs, check=True)
+            state = self._reset_rows(rows, state, obs, check=True)
+            self._steps[self._index(rows)] = 0
         self._state = state
         return obs, reward, terminated, truncated, info
 
@@ -562,15 +611,24 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         return state, obs, _check_info(self._owner, "reset_fn", out.get("info"))
 
     def _reset_rows(self, rows: np.ndarray, state, obs, check: bool):
-        """Start new episodes in ``rows``: write reset_fn's states and observations in place; return (state, index)."""
+        """Start new episodes in ``rows``: write reset_fn's states and observations in place; return the state.
+        The callers zero the rows' step counters."""
         r_state, r_obs, _ = self._call_reset(self._draw_seeds(rows), None)
         if check:
             self._finite_done_rows("reset_fn", r_obs, rows=rows)
-        idx = self._index(rows)
-        state = _scatter(state, rows, r_state, "state", idx if self._torch_out else None)
-        obs[idx] = r_obs
-        self._steps[idx] = 0
-        return state, idx
+        if self._torch_out:
+            idx = self._index(rows)
+            obs.index_copy_(0, idx, r_obs)
+        else:
+            idx, obs[rows] = None, r_obs
+        return _scatter(state, rows, r_state, "state", idx)
+
+    def _fill(self, x, mask, value) -> None:
+        """x[mask] = value in place; mask: a bool row mask of the output kind."""
+        if self._torch_out:
+            x.masked_fill_(mask, value)
+        else:
+            x[mask] = value
 
     def _draw_seeds(self, rows: np.ndarray) -> np.ndarray:
         """The next seed of each row's stream (rows: unique host indices); advances those streams."""
@@ -578,7 +636,8 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         return seeds
 
     def _index(self, rows: np.ndarray):
-        return _torch().from_numpy(rows).to(self.device) if self._torch_out else rows  # from_numpy: cheaper
+        """Host row indices as a tensor on the output device (rows themselves for numpy output)."""
+        return _host_to_device(rows, self.device) if self._torch_out else rows
 
     def _finite_done_rows(self, adapter: str, obs, reward=None, done=None, reset_rows=_NO_ROWS, rows=None,
                           actions_check=None):
@@ -589,9 +648,14 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         the host in one transfer. Only when the sum is not finite do we look for the culprits (a sum that merely
         overflowed passes). ``rows`` maps ``obs`` rows to env indices for the error message.
         """
-        total = 0.0 if reward is None else reward.sum()
-        if self._obs_float:
-            total = total + obs.sum(dtype=self._reward_dtype)
+        if self._torch_out:
+            total = 0.0 if reward is None else reward.sum()
+            if self._obs_float:
+                total = total + obs.sum(dtype=self._reward_dtype)
+        else:  # ufunc reductions: the ndarray.sum wrapper costs as much as the sum of a few hundred floats
+            total = 0.0 if reward is None else float(np.add.reduce(reward))
+            if self._obs_float:
+                total += float(np.add.reduce(obs, axis=None, dtype=np.float32))
         if self._torch_out:
             torch = _torch()
             parts = [torch.as_tensor(total, device=self.device).isfinite().reshape(1)]
@@ -628,7 +692,7 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
             return x.to(self.device) if _is_tensor(x) else _torch().as_tensor(np.asarray(x), device=self.device)
         if type(x) is np.ndarray:
             return x
-        return x.numpy(force=True) if _is_tensor(x) else np.asarray(x)
+        return _tensor_numpy(x) if _is_tensor(x) else np.asarray(x)
 
     def _as_obs(self, obs, adapter: str, rows: int):
         obs = self._convert(obs)
@@ -649,8 +713,9 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
                                f"to observation_space dtype {self._obs_dtype}.")
         return obs.astype(self._obs_dtype)  # astype copies
 
-    def _as_vector(self, x, key: str):
-        """reward (-> float32) or a flag (-> bool) of shape (num_envs,), always as a fresh copy."""
+    def _as_vector(self, x, key: str, clear=None):
+        """reward (-> float32) or a flag (-> bool) of shape (num_envs,), always as a fresh copy; the rows of the
+        bool mask ``clear`` (the output kind) set to 0 / False."""
         x = self._convert(x)
         flag = key != "reward"
         if tuple(x.shape) != (self.num_envs,):
@@ -661,15 +726,24 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
             if kind not in "iuf":
                 raise AdapterError(f"{self._owner}: transition_fn {key!r} must be numeric, got {_describe(x)}.")
             if self._torch_out:
-                return x.clone() if x.dtype == self._reward_dtype else x.to(self._reward_dtype)
-            return x.astype(np.float32)
-        if kind == "b":
-            return x.clone() if self._torch_out else x.copy()
-        if kind not in "iu" or not bool(((x == 0) | (x == 1)).all()):  # 0/1 ints: rare, so a sync is fine
+                if x.dtype == self._reward_dtype:
+                    return x.clone() if clear is None else x.masked_fill(clear, 0.0)  # out of place: the copy
+                x = x.to(self._reward_dtype)
+            else:
+                x = x.astype(np.float32)
+        elif kind == "b":
+            if self._torch_out:
+                return x.clone() if clear is None else x.masked_fill(clear, False)
+            x = x.copy()
+        elif kind not in "iu" or not bool(((x == 0) | (x == 1)).all()):  # 0/1 ints: rare, so a sync is fine
             raise AdapterError(f"{self._owner}: transition_fn {key!r} must be booleans (or 0/1 integers), got "
                                f"{_describe(x)}. Threshold probabilities or logits inside transition_fn (e.g. logits > "
                                "0).")
-        return x != 0
+        else:
+            x = x != 0
+        if clear is not None:
+            self._fill(x, clear, 0)
+        return x
 
     def _check_actions(self, actions):
         """Validate before the model sees them (an out-of-range index on a GPU is a device assert, not an error).
@@ -687,18 +761,18 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
             if kind not in "iu":
                 ok = False
             elif self._torch_out:
-                ok = (actions >= lo).all() & (actions < hi).all()
-                return actions.clamp(lo, hi - 1), ok
+                clamped = actions.clamp(lo, hi - 1)
+                return clamped, (clamped == actions).all()
             else:  # one reduction: below-range values wrap to huge ones when read as unsigned
                 shifted = actions if lo == 0 else actions - lo
-                ok = int(shifted.view(f"u{shifted.itemsize}").max()) < space.n
+                ok = int(np.maximum.reduce(shifted.view(_UNSIGNED[shifted.itemsize]), axis=None)) < space.n
         elif isinstance(space, spaces.Box):
             if self._action_bounds is None:  # converted once (a host->device copy per step otherwise)
                 self._action_bounds = self._convert(space.low), self._convert(space.high)
             low, high = self._action_bounds
             if self._torch_out:
                 actions = actions.to(low.dtype)
-                return actions, ((actions >= low) & (actions <= high)).all()
+                return actions, (actions.clamp(low, high) == actions).all()  # NaN compares unequal: not ok
             elif np.can_cast(actions.dtype, space.dtype, casting="same_kind"):
                 actions = actions.astype(space.dtype, copy=False)
             else:
