@@ -281,8 +281,9 @@ def gae(rewards, values, bootstrap, dones, valid, next_value, gamma, gae_lambda)
 
 
 def explained_variance(y_pred, y_true):
-    y_pred, y_true = y_pred.cpu().numpy(), y_true.cpu().numpy()
-    return np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
+    """1 - Var[y - y_pred] / Var[y], on the device: copying 8M values to the host took 15% of an iteration there."""
+    var_y, var_res = torch.var(y_true, correction=0).item(), torch.var(y_true - y_pred, correction=0).item()
+    return np.nan if var_y == 0 else 1 - var_res / var_y
 
 
 def check_args(args, model, ddp):

@@ -303,8 +303,11 @@ if __name__ == "__main__":
         qf2_target = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
         qf1_target.load_state_dict(qf1.state_dict())
         qf2_target.load_state_dict(qf2.state_dict())
-        q_optimizer = optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
-        actor_optimizer = optim.Adam(list(actor.parameters()), lr=args.policy_lr)
+        # fused: one kernel for all parameters (on the CPU Adam otherwise loops over them one op at a time)
+        q_params = list(qf1.parameters()) + list(qf2.parameters())
+        q_target_params = list(qf1_target.parameters()) + list(qf2_target.parameters())
+        q_optimizer = optim.Adam(q_params, lr=args.q_lr, fused=True)
+        actor_optimizer = optim.Adam(list(actor.parameters()), lr=args.policy_lr, fused=True)
         if args.autotune:  # automatic entropy tuning
             target_entropy = -float(act_dim)
             log_alpha = torch.zeros(1, requires_grad=True, device=device)
@@ -425,7 +428,11 @@ if __name__ == "__main__":
                 if num_updates % args.policy_frequency == 0:  # TD3-style delayed update, compensated in number
                     for _ in range(args.policy_frequency):
                         pi, log_pi, _ = actor.get_action(b_obs)
+                        for p in q_params:  # the actor's loss needs no critic weight gradients: two matmuls less
+                            p.requires_grad_(False)
                         min_qf_pi = torch.min(qf1(b_obs, pi), qf2(b_obs, pi))
+                        for p in q_params:
+                            p.requires_grad_(True)
                         actor_loss = (alpha * log_pi - min_qf_pi).mean()
                         actor_optimizer.zero_grad()
                         actor_loss.backward()
@@ -438,10 +445,8 @@ if __name__ == "__main__":
                             alpha = log_alpha.exp().item()
 
                 if num_updates % args.target_network_frequency == 0:
-                    with torch.no_grad():
-                        for net, target_net in ((qf1, qf1_target), (qf2, qf2_target)):
-                            for param, target_param in zip(net.parameters(), target_net.parameters()):
-                                target_param.lerp_(param, args.tau)
+                    with torch.no_grad():  # every target parameter in one call
+                        torch._foreach_lerp_(q_target_params, q_params, args.tau)
             figures["sac_updates"] = num_updates
             timings["train_seconds"] += time.time() - t0
 

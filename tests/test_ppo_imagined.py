@@ -182,6 +182,7 @@ def test_box_actions_outside_the_bounds_never_reach_the_real_env(tmp_path, monke
     (["--num-envs", "0"], "--num-envs"),
     (["--gamma", "1.5"], "--gamma"),
     (["--refit-passes", "0"], "--refit-passes"),
+    (["--cuda-min-envs", "-1"], "--cuda-min-envs"),
     (["--world-model", "none", "--world-model-path", "x.pt"], "--world-model-path"),
     (["--world-model", "learned"], "--world-model"),
     (["--world-model", "missing/model.py:Model"], "--world-model"),
