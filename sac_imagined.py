@@ -46,7 +46,8 @@ class Args:
     cuda: bool = True
     """If toggled, cuda is used when available (the run falls back to the CPU otherwise)."""
     num_threads: int = 1
-    """The number of torch CPU threads (one is the fastest for these small networks)."""
+    """The number of torch CPU threads (one is the fastest for these small networks: a 5,000-step HalfCheetah run
+    spent 546 s in SAC updates with 2 threads against 468 s with 1 on a quiet 2-core machine)."""
 
     # Environment and world model
     env_id: str = "Pendulum-v1"
