@@ -5,11 +5,11 @@
 #
 # Every training script writes runs/<run>/summary.json (algo, env_id, seed, world_model, status, eval_history with
 # real_env_steps and real_return_mean per evaluation, and the final real_return_mean / real_env_steps). Runs of the
-# same script and world model (`ensemble` or another --world-model spec = trained in imagination, `none` = model-free
-# baseline; `learned` in older summaries is the ensemble) are one curve: each seed is a step function (the return of
-# its latest evaluation at or before x), the curve is the mean over the seeds that have an evaluation at x, the band
-# their min..max (or +-std). The x axis is log-scaled by default, so a run that used 3k real transitions and one that
-# used 60k are both readable.
+# same --exp-name (the script's name unless given) and world model (`ensemble` or another --world-model spec =
+# trained in imagination, `none` = model-free baseline; `learned` in older summaries is the ensemble) are one curve:
+# each seed is a step function (the return of its latest evaluation at or before x), the curve is the mean over the
+# seeds that have an evaluation at x, the band their min..max (or +-std). The x axis is log-scaled by default, so a
+# run that used 3k real transitions and one that used 60k are both readable.
 #
 # Runs that stopped early (summary "status" interrupted or failed; a summary without "status" is an older finished
 # run) are drawn too, up to their last evaluation and no further (a finished seed keeps its final return, an
@@ -36,6 +36,14 @@ LINESTYLES = {"ensemble": "-", "none": "--"}
 SETTING_NAMES = {"ensemble": "imagined", "none": "model-free"}
 OLD_SETTINGS = {"learned": "ensemble"}  # the world_model values of older summaries
 PANEL_WIDTH = 5.6  # inches
+# Published mean returns at 20k / 50k / 100k real steps (issue 21; the results files of the DHMBPO paper, arXiv
+# 2512.15439: MBPO 5 seeds, SAC and DHMBPO 8, on Gym's older MuJoCo versions), drawn as reference points
+PUBLISHED = {
+    "HalfCheetah": {"MBPO": (4236, 7963, 9553), "SAC": (4047, 5733, 7039), "DHMBPO": (5381, 7356, 9878)},
+    "Hopper": {"MBPO": (530, 1702, 3315), "SAC": (301, 1125, 2667), "DHMBPO": (2101, 3470, 3399)},
+}
+PUBLISHED_STEPS = (20_000, 50_000, 100_000)
+PUBLISHED_MARKERS = {"MBPO": "^", "SAC": "v", "DHMBPO": "D"}
 
 
 def setting_of(summary):
@@ -69,6 +77,16 @@ class Args:
     """If toggled, the x axis (real transitions used) is log-scaled."""
     env_id: Optional[str] = None
     """Plot only the runs of this env (None means one panel per env found)."""
+    published: bool = True
+    """If toggled, MuJoCo panels (HalfCheetah, Hopper) show the published MBPO / SAC / DHMBPO means at 20k, 50k and
+    100k real steps as grey reference points (issue 21; older MuJoCo versions than v5)."""
+
+
+def experiment_of(summary):
+    """The --exp-name of a run (its run dir is <env_id>__<exp_name>__<seed>__<time>); runs of one script with
+    different names (a baseline at other settings) are separate curves. The script name when it cannot be read."""
+    parts = os.path.basename(os.path.normpath(str(summary.get("run_dir", "")))).split("__")
+    return parts[1] if len(parts) == 4 else summary["algo"]
 
 
 def load_summaries(runs_dir, env_id=None):
@@ -156,14 +174,15 @@ def group_curve(summaries, spread="minmax"):
     return grid, mean, low, high, len(points)
 
 
-def curves_figure(summaries, spread="minmax", log_x=True):
-    """One panel per env_id: per (algo, world_model) the mean real return over seeds against real transitions used,
-    with the seeds' band; colour = script, line style = imagined in the ensemble (solid) / in another world model
-    (dash-dot) / model-free (dashed). A big marker shows the final evaluation of the finished seeds (mean over them)
-    so a group whose real data never grew (one x value) is visible too; an x the last evaluation of each seed that
-    stopped early (interrupted or failed), whose curve ends there."""
+def curves_figure(summaries, spread="minmax", log_x=True, published=True):
+    """One panel per env_id: per (--exp-name, world_model) the mean real return over seeds against real transitions
+    used, with the seeds' band; colour = experiment, line style = imagined in the ensemble (solid) / in another world
+    model (dash-dot) / model-free (dashed). A big marker shows the final evaluation of the finished seeds (mean over
+    them) so a group whose real data never grew (one x value) is visible too; an x the last evaluation of each seed
+    that stopped early (interrupted or failed), whose curve ends there. `published`: the PUBLISHED means of MuJoCo
+    panels as grey reference points."""
     env_ids = sorted({s["env_id"] for s in summaries})
-    algos = sorted({s["algo"] for s in summaries})
+    algos = sorted({experiment_of(s) for s in summaries})
     ncols = min(3, len(env_ids))
     nrows = int(np.ceil(len(env_ids) / ncols))
     fig = vis.new_figure(PANEL_WIDTH * ncols, 4.6 * nrows + 0.4)
@@ -174,7 +193,7 @@ def curves_figure(summaries, spread="minmax", log_x=True):
         settings = sorted({setting_of(s) for s in runs}, key=lambda x: (x == "none", x != "ensemble", x))
         for algo in algos:
             for setting in settings:
-                group = [s for s in runs if s["algo"] == algo and setting_of(s) == setting]
+                group = [s for s in runs if experiment_of(s) == algo and setting_of(s) == setting]
                 curve = group_curve(group, spread) if group else None
                 if curve is None:
                     continue
@@ -201,6 +220,10 @@ def curves_figure(summaries, spread="minmax", log_x=True):
                                 markerfacecolor="white" if setting == "none" else color)
         if len(targets) == 1:
             ax.axhline(targets.pop(), color="grey", linestyle=":", linewidth=1.0, label="target return")
+        reference = next((v for k, v in PUBLISHED.items() if env_id.startswith(k)), {}) if published else {}
+        for method, means in reference.items():
+            ax.plot(PUBLISHED_STEPS, means, linestyle=":", color="grey", marker=PUBLISHED_MARKERS[method],
+                    markersize=5, linewidth=0.8, label=f"published {method} (older MuJoCo)")
         if log_x:  # a world model that learns nothing uses no real data: symlog keeps its x = 0 on the axis
             xs = np.concatenate([evaluation_points(s)[0] for s in runs])
             positive = xs[xs > 0]
@@ -232,7 +255,7 @@ def curves_figure(summaries, spread="minmax", log_x=True):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     summaries = load_summaries(args.runs_dir, args.env_id)
-    figure = curves_figure(summaries, spread=args.spread, log_x=args.log_x)
+    figure = curves_figure(summaries, spread=args.spread, log_x=args.log_x, published=args.published)
     vis.save_figure(figure, args.out)
     envs = sorted({s["env_id"] for s in summaries})
     print(f"[plot_runs] {len(summaries)} runs, {len(envs)} env(s) ({', '.join(envs)}): "

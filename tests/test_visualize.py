@@ -314,6 +314,26 @@ def test_plot_runs_draws_interrupted_runs_up_to_where_they_stopped(tmp_path, cap
     assert len(finals) == 1 and list(finals[0].lines[0].get_xydata()[0]) == [3000, 30]
 
 
+def test_plot_runs_separates_experiments_and_draws_published_means(tmp_path):
+    import plot_runs
+
+    runs = tmp_path / "runs"
+    for seed in (1, 2):  # the same script and setting under two --exp-name: two curves
+        for name, final in (("sac_imagined_model_free", 300.0), ("cleanrl", 1800.0)):
+            run = f"HalfCheetah-v5__{name}__{seed}__1"
+            write_summary(runs, run, "sac_imagined", "HalfCheetah-v5", seed, "none", [5000, 20000], [0.0, final],
+                          run_dir=f"runs/{run}")
+    summaries = plot_runs.load_summaries(str(runs))
+    labels = [t.get_text() for t in plot_runs.curves_figure(summaries).axes[0].get_legend().get_texts()]
+    assert "cleanrl (model-free), 2 seeds" in labels and "sac_imagined_model_free (model-free), 2 seeds" in labels
+    published = [line for line in plot_runs.curves_figure(summaries).axes[0].get_lines()
+                 if line.get_label() == "published MBPO (older MuJoCo)"]
+    assert len(published) == 1 and published[0].get_xydata().tolist() == [[20000, 4236], [50000, 7963],
+                                                                          [100000, 9553]]
+    ax = plot_runs.curves_figure(summaries, published=False).axes[0]
+    assert not [line for line in ax.get_lines() if line.get_label().startswith("published")]
+
+
 def test_plot_runs_empty_dir_error(tmp_path):
     import plot_runs
     import rl_utils
