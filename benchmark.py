@@ -105,8 +105,9 @@ class Args:
     """N of the scale table (default cpu: 256 4096 with --quick, 256 4096 65536 otherwise; cuda: 256 4096 65536
     262144 1048576); reset() is also timed at 65,536 rows for the reset_65536_s figure"""
     e2e_sizes: Optional[tuple[int, ...]] = None
-    """N of the end-to-end imagined PPO figure (cartpole only: ppo_imagined.py in a subprocess on a saved model,
-    2 iterations of 128 steps; default cpu: 256 with --quick, 256 4096 otherwise; cuda: 4096 65536); () skips it"""
+    """N of the end-to-end imagined PPO figure (cartpole only: ppo_imagined.py in a subprocess on a saved model, 4
+    iterations of 128 steps, the rate over the last 3; the table gets a row at each such N; default cpu: 256 with
+    --quick, 256 4096 otherwise; cuda: 4096 65536); () skips it"""
 
 
 HEADLINE_N = 256
@@ -545,7 +546,7 @@ def scale_table(args: Args) -> dict:
         for model_name in models:
             net = scale_net(model_name, args.device, args.seed)
             table[model_name] = {}
-            for n in sorted(set(sizes)):
+            for n in sorted(set(sizes) | (set(e2e_sizes) if model_name == "cartpole" else set())):  # e2e N too
                 start = time.perf_counter()
                 cases = scale_cases(net, n, args.seed, sync)
                 try:
