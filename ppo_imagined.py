@@ -235,7 +235,10 @@ class Agent(nn.Module):
     def get_action_and_value(self, x, action=None):
         x = self.normalize(x)
         out = self.actor(x)
-        probs = Normal(out, self.actor_logstd.expand_as(out).exp()) if self.continuous else Categorical(logits=out)
+        # validate_args=False: the checks compare on the device and read the result on the host, a sync per call
+        # (two per rollout step on a GPU); NaN actions are still refused by the envs' action checks
+        probs = (Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False) if self.continuous
+                 else Categorical(logits=out, validate_args=False))
         if action is None:
             action = probs.sample()
         logprob, entropy = probs.log_prob(action), probs.entropy()

@@ -180,7 +180,7 @@ class Actor(nn.Module):
     def get_action(self, x):
         """Returns a sampled action (reparameterised), its log-probability (B,) and the deterministic action."""
         mean, log_std = self(x)
-        normal = torch.distributions.Normal(mean, log_std.exp())
+        normal = torch.distributions.Normal(mean, log_std.exp(), validate_args=False)  # checks sync a GPU per call
         x_t = normal.rsample()
         y_t = torch.tanh(x_t)
         action = y_t * self.action_scale + self.action_bias
