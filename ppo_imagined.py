@@ -336,7 +336,7 @@ if __name__ == "__main__":
 
     # checks: every bad flag stops here with one line, before a run dir exists
     use_cuda = args.cuda and args.num_envs >= args.cuda_min_envs
-    if args.cuda and not use_cuda and torch.cuda.is_available():
+    if args.cuda and not use_cuda and torch.cuda.is_available() and os.environ.get("RANK", "0") == "0":
         print(f"[ppo] on the CPU: --num-envs {args.num_envs} < --cuda-min-envs {args.cuda_min_envs} (few envs run "
               "faster there; --cuda-min-envs 0 uses the GPU anyway)", flush=True)
     ddp = distributed.DataParallel(use_cuda)  # under torchrun: this rank; else one rank of one, doing nothing
