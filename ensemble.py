@@ -111,7 +111,10 @@ def torch_threads(num_threads):
 
 def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
     """Fits a new EnsembleWorldModel on `buffer`, or refits `model` in place from its current weights (Dyna), with
-    `num_threads` torch threads (see `torch_threads`). Keywords: see `_fit_world_model`. Returns (model, metrics)."""
+    `num_threads` torch threads (see `torch_threads`). Keywords: see `_fit_world_model`. Returns (model, metrics).
+    It turns on torch's flush-denormal mode for the process (torch has no getter to restore it): a trained model's
+    saturated units produce denormals, and a HalfCheetah refit at 20,000 transitions took 18 s with them, 3 s without."""
+    torch.set_flush_denormal(True)
     with torch_threads(num_threads):
         return _fit_world_model(buffer, model, **kwargs)
 

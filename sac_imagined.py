@@ -313,7 +313,7 @@ if __name__ == "__main__":
             target_entropy = -float(act_dim)
             log_alpha = torch.zeros(1, requires_grad=True, device=device)
             alpha = log_alpha.exp().item()
-            a_optimizer = optim.Adam([log_alpha], lr=args.q_lr)
+            a_optimizer = optim.Adam([log_alpha], lr=args.q_lr, fused=True)
         else:
             alpha = args.alpha
 
