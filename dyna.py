@@ -27,7 +27,8 @@ def model_from_args(args, device):
     try:
         model = world_model.make(args.world_model, env_id=args.env_id, seed=args.seed, device=device)
     except world_model.WorldModelError as e:
-        raise ru.ArgError("--world-model", "ensemble, none, path/to/file.py:attr or package.module:attr",
+        raise ru.ArgError("--world-model", f"{', '.join(world_model.BUILTIN)}, none, path/to/file.py:attr or "
+                          "package.module:attr",
                           args.world_model, str(e)) from None
     except ValueError as e:  # the model cannot be built for this env (its spaces, say)
         raise ru.ArgError("--env-id", f"an env that --world-model {args.world_model} supports", args.env_id,

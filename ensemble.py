@@ -120,7 +120,7 @@ def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
 
 
 def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size=128, num_layers=3,
-                    learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5,
+                    num_elites=None, learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5,
                     max_updates=None, val_fraction=0.1, num_buffer_states=10000, env_id=None,
                     max_episode_steps=None, termination_pos_weight="sqrt", device="cpu", writer=None,
                     global_step=0, verbose=False):
@@ -128,7 +128,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
 
     Whole episodes are split into train/validation (`val_fraction`); training stops once no member improved its
     validation score by >1% for `patience` epochs, or after `max_updates` minibatch updates (the budget of a
-    refit, see `EnsembleModel.fit`), and each member keeps its best snapshot (MBPO-style). A new model takes its
+    refit, see `EnsembleModel.fit`), and each member keeps its best snapshot (MBPO-style); the `num_elites` members
+    best on validation data are the ones imagination draws from (None: all). A new model takes its
     normalisation from the data; a refit keeps it (so the warm weights stay valid) and only widens the clip range
     and the stored start/buffer states. Returns (model, metrics): epochs, updates, train_loss, val_mse,
     val_term_bce, seconds, num_train, num_val.
@@ -153,7 +154,7 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
         torch.manual_seed(seed)
         model = EnsembleWorldModel(
             spec_env.observation_space, spec_env.action_space, ensemble_size=ensemble_size, hidden_size=hidden_size,
-            num_layers=num_layers, env_id=env_id, max_episode_steps=max_episode_steps,
+            num_layers=num_layers, num_elites=num_elites, env_id=env_id, max_episode_steps=max_episode_steps,
         ).to(device)
         spec_env.close()
     if val_fraction > 0 and len(buffer) >= 4:
@@ -239,6 +240,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
                     p.copy_(snapshot[k])
         mse, bce = val_scores()
         val_mse, val_bce = float(mse.mean()), float(bce.mean())
+        # MBPO's elites: imagination draws from the members best on validation data (all of them by default)
+        model.elites.copy_(torch.sort(torch.argsort(mse + bce)[: model.num_elites]).values)
     model.eval()
     model.disagreement_ref.copy_(_disagreement_quantile(model, train_buf, seed))
     metrics = {
@@ -344,6 +347,7 @@ def save_world_model(model, path, extra=None, buffer=None):
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "start_obs": model.start_obs.detach().cpu(),
         "buffer_obs": model.buffer_obs.detach().cpu(),
+        "elites": model.elites.detach().cpu(),
         "extra": json_safe(extra or {}),
     }
     if buffer is not None:
@@ -393,11 +397,14 @@ def load_world_model(path, device="cpu", env_id=None):
         with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: loading draws no random numbers
             model = EnsembleWorldModel(
                 observation_space, action_space, ensemble_size=cfg["ensemble_size"], hidden_size=cfg["hidden_size"],
-                num_layers=cfg["num_layers"], env_id=payload["env_id"], max_episode_steps=payload["max_episode_steps"],
+                num_layers=cfg["num_layers"], num_elites=cfg.get("num_elites"), env_id=payload["env_id"],
+                max_episode_steps=payload["max_episode_steps"],
             )
         model.load_state_dict(payload["state_dict"])
         model.start_obs = payload["start_obs"].float()
         model.buffer_obs = payload["buffer_obs"].float()
+        if payload.get("elites") is not None:  # checkpoints from before elites draw from every member
+            model.elites = payload["elites"].long()
         if payload.get("buffer") is not None:  # optional: checkpoints saved without their data have no "buffer"
             model.buffer = _buffer_from_dict(payload["buffer"], model.obs_dim)
     except (KeyError, AttributeError, RuntimeError, TypeError, ValueError) as e:
@@ -419,9 +426,13 @@ def load_world_model(path, device="cpu", env_id=None):
 class EnsembleModel(world_model.WorldModel):
     """The reference ensemble behind the world-model interface (`world_model.py`): it learns from transitions,
     steps all imagined envs in one batched call, and sees the real env as it is (its observation is the state).
-    `net` is the `EnsembleWorldModel` once fitted or loaded; `data` the real transitions it was fitted on."""
+    `net` is the `EnsembleWorldModel` once fitted or loaded; `data` the real transitions it was fitted on.
+    ensemble_size / hidden_size / num_layers / num_elites size a new fit (a loaded checkpoint keeps its own):
+    `--world-model ensemble` is 5 members of 3x128, all drawn; `--world-model mbpo-ensemble` is MBPO's network
+    (`mbpo_ensemble`: 7 members of 4x200, the 5 best on validation data drawn)."""
 
-    def __init__(self, env_id, seed=0, device="cpu", termination_pos_weight="sqrt"):
+    def __init__(self, env_id, seed=0, device="cpu", termination_pos_weight="sqrt", *, ensemble_size=5,
+                 hidden_size=128, num_layers=3, num_elites=None):
         env = make_real_env(env_id, "EnsembleModel")
         check_spaces_supported(env.observation_space, env.action_space, f"EnsembleModel(env_id={env_id!r})")
         self.observation_space, self.action_space = env.observation_space, env.action_space
@@ -431,6 +442,8 @@ class EnsembleModel(world_model.WorldModel):
         # terminations are weighted by sqrt(negatives/positives) in the loss; "ratio" for a learner that only goes
         # where the model predicts a rare goal (DQN on Acrobot, see dqn_imagined.py)
         self.termination_pos_weight = termination_pos_weight
+        self.sizes = dict(ensemble_size=ensemble_size, hidden_size=hidden_size, num_layers=num_layers,
+                          num_elites=num_elites)
         self.net, self.data, self.extra = None, None, {}
 
     def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
@@ -441,7 +454,7 @@ class EnsembleModel(world_model.WorldModel):
         self.net, metrics = fit_world_model(data, self.net if num_new is not None else None, seed=seed,
                                             max_updates=budget, env_id=self.env_id, device=self.device, writer=writer,
                                             global_step=global_step,
-                                            termination_pos_weight=self.termination_pos_weight)
+                                            termination_pos_weight=self.termination_pos_weight, **self.sizes)
         self.data = data
         return metrics
 
@@ -475,3 +488,11 @@ class EnsembleModel(world_model.WorldModel):
         self.net = load_world_model(path, device=self.device, env_id=self.env_id)
         self.data, self.extra = self.net.buffer, self.net.extra
         return self
+
+
+def mbpo_ensemble(env_id, seed=0, device="cpu"):
+    """`--world-model mbpo-ensemble`: the reference ensemble with MBPO's network (Janner et al. 2019, its released
+    configs): 7 members of 4 hidden layers of 200 units, imagination drawing from the 5 best on validation data."""
+    return EnsembleModel(env_id, seed=seed, device=device, ensemble_size=7, hidden_size=200, num_layers=4,
+                         num_elites=5)
+

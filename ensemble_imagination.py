@@ -80,7 +80,7 @@ class Imagination:
     sample_noise: sample each member's Gaussian instead of using its mean.
     disagreement: False skips the members a row did not choose when the halt rule is off (halt 0): the step is
     then about ensemble_size x cheaper and info carries no "disagreement".
-    Each row uses a random member per step (MBPO-style), drawn from a per-row random state seeded by its reset
+    Each row uses a random member per step (MBPO-style: one of the model's elites), drawn from a per-row random state seeded by its reset
     seed, so a row's trajectory depends only on its seed and its actions (batched and single envs agree)."""
 
     def __init__(self, start="start", halt=0.0, gamma=0.99, sample_noise=False, disagreement=True):
@@ -118,7 +118,9 @@ class Imagination:
         """ONE forward for all rows, a random member per row."""
         s = state["rng"]
         with torch.no_grad():
-            s, member = _draw_index(s, model.ensemble_size)
+            s, member = _draw_index(s, model.num_elites)
+            if model.num_elites < model.ensemble_size:  # else elites == arange: the draw is the member
+                member = model.elites[member]
             noise = None
             if self.sample_noise:
                 s, u = _draw_uniform(s, 2 * model.out_dim)

@@ -81,7 +81,7 @@ class EnsembleWorldModel(nn.Module):
     """
 
     def __init__(self, observation_space, action_space, *, ensemble_size=5, hidden_size=128, num_layers=3,
-                 env_id=None, max_episode_steps=None):
+                 num_elites=None, env_id=None, max_episode_steps=None):
         super().__init__()
         check_spaces_supported(observation_space, action_space, "EnsembleWorldModel")
         self.observation_space = observation_space
@@ -91,6 +91,10 @@ class EnsembleWorldModel(nn.Module):
         self.ensemble_size = ensemble_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
+        self.num_elites = ensemble_size if num_elites is None else num_elites
+        if not 1 <= self.num_elites <= ensemble_size:
+            raise ValueError(f"EnsembleWorldModel: num_elites must be in [1, ensemble_size={ensemble_size}], "
+                             f"got {num_elites!r}")
         self.obs_dim = int(observation_space.shape[0])
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         self.act_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
@@ -124,6 +128,9 @@ class EnsembleWorldModel(nn.Module):
         self.register_buffer("obs_clip_low", torch.full((self.obs_dim,), -1e6))
         self.register_buffer("obs_clip_high", torch.full((self.obs_dim,), 1e6))
         register_reward_and_action_buffers(self, action_space, self.discrete)
+        # the members imagination draws from (MBPO's elites: the best on validation data after each fit); the
+        # checkpoint stores them beside the state dict
+        self.register_buffer("elites", torch.arange(self.num_elites), persistent=False)
         self.register_buffer("start_obs", torch.zeros(0, self.obs_dim), persistent=False)
         self.register_buffer("buffer_obs", torch.zeros(0, self.obs_dim), persistent=False)
         # the real transitions behind a loaded checkpoint (a TransitionBuffer), None when it carries none; Dyna
@@ -135,7 +142,8 @@ class EnsembleWorldModel(nn.Module):
         return self.in_mean.device
 
     def config(self):
-        return {"ensemble_size": self.ensemble_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers}
+        return {"ensemble_size": self.ensemble_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "num_elites": self.num_elites}
 
     # ---- normalisation -----------------------------------------------------------------------------------------
     @torch.no_grad()

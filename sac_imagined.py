@@ -55,7 +55,8 @@ class Args:
     total_timesteps: int = 5000
     """The real steps of the whole run, the --initial-real-steps random ones included (imagined ones come on top)."""
     world_model: str = "ensemble"
-    """The world model of the branched rollouts: `ensemble` (the reference MLP ensemble), `rssm` (the recurrent latent
+    """The world model of the branched rollouts: `ensemble` (the reference MLP ensemble, 5 members of 3x128),
+    `mbpo-ensemble` (MBPO's: 7 members of 4x200, rollouts drawn from the 5 best), `rssm` (the recurrent latent
     model: branches start from the beliefs in the replay), `none` (plain SAC on the real env: the model-free
     baseline), or your own as `path/to/file.py:attr` or `package.module:attr` (world_model.py)."""
     world_model_path: Optional[str] = None
@@ -106,7 +107,10 @@ class Args:
     alpha: float = 0.2
     """The entropy regularization coefficient (its start value with --autotune)."""
     autotune: bool = True
-    """If toggled, the entropy coefficient is tuned automatically towards the target entropy -act_dim."""
+    """If toggled, the entropy coefficient is tuned automatically towards --target-entropy."""
+    target_entropy: Optional[float] = None
+    """The policy entropy --autotune aims at (None: -act_dim, CleanRL's and SB3's; MBPO: -3 on HalfCheetah, -1 on
+    Hopper)."""
 
     # Evaluation in the real env
     eval_every: int = 500
@@ -269,6 +273,9 @@ def check_args(args):
     for name in ("halt_threshold", "eval_every"):
         if not getattr(args, name) >= 0:
             raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))
+    if args.target_entropy is not None and not args.autotune:
+        raise ru.ArgError("--target-entropy", "no value with --no-autotune (the entropy coefficient is fixed at "
+                          f"--alpha {args.alpha})", args.target_entropy, "Drop one of the two flags.")
     fits_here = model is not None and getattr(model, "learns", True) and args.world_model_path is None
     if fits_here and args.total_timesteps <= args.initial_real_steps:
         raise ru.ArgError("--total-timesteps", f"more than --initial-real-steps ({args.initial_real_steps})",
@@ -310,7 +317,7 @@ if __name__ == "__main__":
         q_optimizer = optim.Adam(q_params, lr=args.q_lr, fused=True)
         actor_optimizer = optim.Adam(list(actor.parameters()), lr=args.policy_lr, fused=True)
         if args.autotune:  # automatic entropy tuning
-            target_entropy = -float(act_dim)
+            target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
             log_alpha = torch.zeros(1, requires_grad=True, device=device)
             alpha = log_alpha.exp().item()
             a_optimizer = optim.Adam([log_alpha], lr=args.q_lr, fused=True)

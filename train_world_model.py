@@ -21,7 +21,7 @@ import sys
 import time
 import types
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import gymnasium as gym
 import torch
@@ -73,6 +73,8 @@ class Args:
     """The width of each hidden layer (128 fits CartPole as well as 200 at a third of the CPU time)."""
     num_layers: int = 3
     """The number of hidden layers."""
+    num_elites: Optional[int] = None
+    """The members imagination draws from: the best on validation data (None: all; MBPO: 5 of 7)."""
     learning_rate: float = 1e-3
     """The Adam learning rate."""
     weight_decay: float = 1e-5
@@ -104,6 +106,9 @@ def check_args(args: Args):
         raise ru.ArgError("--total-timesteps", "at least 2 real transitions", args.total_timesteps)
     ru.check_positive(args, "ensemble_size", "hidden_size", "num_layers", "batch_size", "max_epochs",
                       "patience", "learning_rate")
+    if args.num_elites is not None and not 1 <= args.num_elites <= args.ensemble_size:
+        raise ru.ArgError("--num-elites", f"a number of members in [1, --ensemble-size {args.ensemble_size}]",
+                          args.num_elites)
     for name in ("test_fraction", "val_fraction"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ru.ArgError("--" + name.replace("_", "-"), "a fraction in [0, 1)", getattr(args, name))
@@ -157,7 +162,7 @@ if __name__ == "__main__":
         if isinstance(model, ensemble.EnsembleModel):  # the reference ensemble, sized by this script's flags
             model.net, fit = ensemble.fit_world_model(
                 fit_buf, seed=args.seed, ensemble_size=args.ensemble_size, hidden_size=args.hidden_size,
-                num_layers=args.num_layers, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                num_layers=args.num_layers, num_elites=args.num_elites, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                 batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience,
                 val_fraction=args.val_fraction, termination_pos_weight=args.termination_pos_weight,
                 env_id=args.env_id, device=device, writer=writer, global_step=len(buffer), verbose=True)

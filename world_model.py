@@ -17,8 +17,8 @@ Every script uses a world model through these members and nothing else (README: 
 (0: off); `horizon` None means the real env's time limit. `WorldModel` below is the base class with the parts that
 are the same for every model; a model need not inherit from it, `check_world_model` checks what it offers.
 
-A model is named the way Gymnasium names env entry points: `--world-model ensemble` (the reference ensemble),
-`--world-model none` (no model: model-free), or `--world-model path/to/file.py:attr` / `package.module:attr`, where
+A model is named the way Gymnasium names env entry points: `--world-model ensemble` (the reference ensemble;
+`mbpo-ensemble`: the same with MBPO's sizes), `--world-model none` (no model: model-free), or `--world-model path/to/file.py:attr` / `package.module:attr`, where
 `attr` is a class or function called as `attr(env_id=..., seed=..., device=...)` that returns the model.
 """
 import importlib
@@ -30,7 +30,7 @@ import sys
 import gymnasium as gym
 
 # The models of this collection, as entry points (resolved on use, so this module imports none of them).
-BUILTIN = {"ensemble": "ensemble:EnsembleModel", "rssm": "rssm:RSSMModel"}
+BUILTIN = {"ensemble": "ensemble:EnsembleModel", "mbpo-ensemble": "ensemble:mbpo_ensemble", "rssm": "rssm:RSSMModel"}
 NO_MODEL = "none"
 
 REQUIRED = ("observation_space", "action_space", "imagined_env", "real_env")

@@ -141,8 +141,10 @@ def test_model_free_run_never_sends_an_action_outside_the_bounds(tmp_path, monke
     original_sample = gym.spaces.Box.sample
     monkeypatch.setattr(gym.spaces.Box, "sample", lambda self, *a, **k: 5.0 * original_sample(self, *a, **k))
     scope, summary = _run(tmp_path, monkeypatch, [
-        *TINY, "--env-id", "SacProbePendulum-v0", "--world-model", "none", "--total-timesteps", "300"])
+        *TINY, "--env-id", "SacProbePendulum-v0", "--world-model", "none", "--total-timesteps", "300",
+        "--target-entropy", "-0.5"])
     assert summary["world_model"] == "none" and "_model_free" in summary["run_dir"]
+    assert scope["target_entropy"] == -0.5  # --target-entropy replaces -act_dim (-1 on Pendulum)
     assert summary["imagined_steps"] == 0 and summary["imagined_minus_real"] is None
     assert summary["real_env_steps"] == 300 and summary["world_model_path"] is None
     received = np.concatenate(_ProbeEnv.received)
@@ -156,6 +158,7 @@ def test_model_free_run_never_sends_an_action_outside_the_bounds(tmp_path, monke
     (["--world-model", "learned"], "--world-model"),
     (["--refit-passes", "0"], "--refit-passes"),
     (["--refit-every", "0"], "--refit-every"),
+    (["--target-entropy", "-1", "--no-autotune"], "--target-entropy"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
     result = subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,

@@ -366,6 +366,42 @@ def test_the_member_only_step_is_a_pass_through(cartpole_model):
     np.testing.assert_allclose(steps[0][0], steps[1][0], rtol=1e-5, atol=1e-6)  # the same rows, fewer FLOPs
 
 
+def test_elites_are_the_best_validation_members_and_the_only_ones_imagined(cartpole_buffer, tmp_path):
+    # a member with wrecked weights is never an elite; imagination then draws only from the elites
+    net, _ = ensemble.fit_world_model(cartpole_buffer, seed=0, **{**TINY, "ensemble_size": 4}, num_elites=2)
+    assert net.config()["num_elites"] == 2 and len(net.elites) == 2 and len(set(net.elites.tolist())) == 2
+    with torch.no_grad():
+        net.head.weight[3].mul_(100.0)
+        net.elites.copy_(torch.tensor([2, 3]))  # the refit must choose again
+    refit, _ = ensemble.fit_world_model(cartpole_buffer, net, seed=1, max_updates=1, batch_size=64)
+    assert 3 not in refit.elites.tolist()
+    with torch.no_grad():
+        refit.elites.copy_(torch.tensor([0, 2]))
+    envs = ensemble_imagination.make_imagined_vector_env(refit, 64, seed=0, output="torch")
+    obs, _ = envs.reset(seed=0)
+    actions = torch.ones(64, dtype=torch.int64)
+    next_obs = envs.step(actions)[0]
+    per_member = torch.stack([refit.predict(obs, actions, members=torch.full((64,), e))[0] for e in range(4)])
+    drawn = (next_obs[None] - per_member).abs().amax(-1).argmin(0)  # which member each row's step matches
+    assert set(drawn.tolist()) == {0, 2}
+    # the checkpoint keeps them; a checkpoint from before elites draws from every member
+    path = tmp_path / "wm.pt"
+    ensemble.save_world_model(refit, path)
+    assert ensemble.load_world_model(path).elites.tolist() == [0, 2]
+    payload = torch.load(path, weights_only=True)
+    del payload["elites"], payload["config"]["num_elites"]
+    torch.save(payload, path)
+    old = ensemble.load_world_model(path)
+    assert old.num_elites == 4 and old.elites.tolist() == [0, 1, 2, 3]
+
+
+def test_mbpo_ensemble_has_mbpos_sizes():
+    import world_model
+
+    model = world_model.make("mbpo-ensemble", env_id="Pendulum-v1", seed=0)
+    assert model.sizes == dict(ensemble_size=7, hidden_size=200, num_layers=4, num_elites=5)
+
+
 def test_evaluate_in_real_env_is_deterministic():
     policy = lambda o: (o[:, 2] + 0.5 * o[:, 3] > 0).astype(np.int64)  # noqa: E731 (a decent CartPole heuristic)
     r1, l1 = real_env.evaluate_in_real_env(policy, "CartPole-v1", num_episodes=3, seed=0)
@@ -417,6 +453,7 @@ def test_tiny_training_run(tmp_path):
     (("--env-id", "FrozenLake-v1"), "1-D Box observation"),
     (("--test-fraction", "1.5"), "--test-fraction"),
     (("--total-timesteps", "1"), "--total-timesteps"),
+    (("--num-elites", "6"), "--num-elites"),
 ])
 def test_bad_args_give_one_line_and_no_run_dir(tmp_path, flags, words):
     out = run_script(tmp_path, *flags)
