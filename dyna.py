@@ -146,12 +146,12 @@ def initial_data(model, args, run, log, until_termination_policy=None):
     return data, len(data)
 
 
-def refit(model, data, num_new, seed, refit_passes, writer, global_step):
-    """A warm refit after `num_new` transitions were appended to `data`. First the old model's open-loop picture on
-    the episodes it is about to learn from (where it was wrong about what the policy now does), for models that
-    can be drawn (they offer `predict`). Returns the fit's metrics, `figure_seconds` among them."""
+def refit(model, data, num_new, seed, refit_passes, writer, global_step, draw=True):
+    """A warm refit after `num_new` transitions were appended to `data`. First (`draw`) the old model's open-loop
+    picture on the episodes it is about to learn from (where it was wrong about what the policy now does), for
+    models that can be drawn (they offer `predict`). Returns the fit's metrics, `figure_seconds` among them."""
     t0 = time.time()
-    if writer is not None and callable(getattr(model, "predict", None)):
+    if draw and writer is not None and callable(getattr(model, "predict", None)):
         import visualize
 
         visualize.write_open_loop(model, data.newest_episodes(num_new), writer, global_step,

@@ -58,12 +58,25 @@ def save_figure(fig, path, dpi=DPI):
     """Writes `fig` as a PNG to `path` atomically (temporary file in the same directory, then os.replace), as a
     256-colour palette image (line plots lose nothing visible; the file is ~3x smaller than RGBA).
     The figure stays open (log it afterwards with `log_figure`). Returns the path."""
+    return save_image(figure_to_array(fig, dpi=dpi), path)
+
+
+def save_image(image, path):
+    """Writes an (H, W, 3) uint8 image as `save_figure` does (atomically, a 256-colour palette PNG)."""
     from PIL import Image
 
     with atomic_path(path, ".png") as tmp:
-        image = Image.fromarray(figure_to_array(fig, dpi=dpi))
-        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
+        Image.fromarray(image).quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG",
+                                                                                         optimize=True)
     return os.fspath(path)
+
+
+def write_figure(fig, writer, name, step):
+    """`fig` rendered once, as runs/<run>/{name}.png (the latest one) and as the TensorBoard image
+    `world_model/{name}` at `step` (one per call; rendering is most of a figure's cost). Returns the PNG's path."""
+    image = figure_to_array(fig)
+    writer.add_image(f"world_model/{name}", image, step, dataformats="HWC")
+    return save_image(image, os.path.join(writer.log_dir, f"{name}.png"))
 
 
 def figure_to_array(fig, dpi=None):
@@ -91,10 +104,7 @@ def write_open_loop(model, buffer, writer, step, name="open_loop", refit=None):
     """The open-loop figure of `model` (an `ensemble.EnsembleModel` or its network) on `buffer`'s episodes, as
     runs/<run>/{name}.png (the latest one) and as a TensorBoard image `world_model/{name}` at `step` (one per call).
     `refit`: the learner step of the refit the figure comes before, named in its title. Returns the PNG's path."""
-    fig = open_loop_figure(model, buffer, refit=refit)
-    path = save_figure(fig, os.path.join(writer.log_dir, f"{name}.png"))
-    log_figure(writer, f"world_model/{name}", fig, step)
-    return path
+    return write_figure(open_loop_figure(model, buffer, refit=refit), writer, name, step)
 
 
 def obs_names(model_or_env_id, obs_dim):
@@ -454,10 +464,7 @@ def _reward_panel(ax, out, context):
 
 def write_latent_open_loop(model, buffer, writer, step, name="open_loop"):
     """`latent_open_loop_figure` as runs/<run>/{name}.png and the TensorBoard image `world_model/{name}`."""
-    fig = latent_open_loop_figure(model, buffer)
-    path = save_figure(fig, os.path.join(writer.log_dir, f"{name}.png"))
-    log_figure(writer, f"world_model/{name}", fig, step)
-    return path
+    return write_figure(latent_open_loop_figure(model, buffer), writer, name, step)
 
 
 # ----------------------------------------------------------------------------------------------------------------

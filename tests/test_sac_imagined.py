@@ -125,6 +125,18 @@ def test_sync_workers_load_the_saved_model_and_are_rebuilt_after_each_refit(tmp_
     assert {os.path.basename(p) for p in loaded} == {"world_model.pt"}
 
 
+@pytest.mark.parametrize("eval_every, pictures", [("125", 2), ("0", 1)])
+def test_open_loop_picture_before_the_first_refit_after_each_evaluation(tmp_path, monkeypatch, eval_every, pictures):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # refits at 350 and 450 real steps; an evaluation at 375 (--eval-every 125) or none before the final one
+    _, summary = _run(tmp_path, monkeypatch, [*TINY, "--eval-every", eval_every])
+    assert summary["refits"] == 2
+    events = EventAccumulator(summary["run_dir"], size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("world_model/open_loop_before_refit")] == [350, 450][:pictures]
+
+
 class _ProbeEnv(gym.Wrapper):
     """Pendulum that records every action it receives."""
 
