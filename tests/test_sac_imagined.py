@@ -130,8 +130,10 @@ def test_open_loop_picture_before_the_first_refit_after_each_evaluation(tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # refits at 350 and 450 real steps; an evaluation at 375 (--eval-every 125) or none before the final one
-    _, summary = _run(tmp_path, monkeypatch, [*TINY, "--eval-every", eval_every])
+    scope, summary = _run(tmp_path, monkeypatch, [*TINY, "--eval-every", eval_every])
     assert summary["refits"] == 2
+    # no halt rule: the ensemble's branches skip the members' disagreement (each row runs its own member only)
+    assert scope["imagined_envs"].transition_fn.__self__.disagreement is False
     events = EventAccumulator(summary["run_dir"], size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("world_model/open_loop_before_refit")] == [350, 450][:pictures]
