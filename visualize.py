@@ -74,8 +74,7 @@ def save_image(image, path):
 def write_figure(fig, writer, name, step):
     """`fig` rendered once, as runs/<run>/{name}.png (the latest one) and as the TensorBoard image
     `world_model/{name}` at `step` (one per call; rendering is most of a figure's cost). Returns the PNG's path."""
-    image = figure_to_array(fig)
-    writer.add_image(f"world_model/{name}", image, step, dataformats="HWC")
+    image = log_figure(writer, f"world_model/{name}", fig, step)
     return save_image(image, os.path.join(writer.log_dir, f"{name}.png"))
 
 
