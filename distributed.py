@@ -130,7 +130,11 @@ class DataParallel:
         return True
 
     def close(self):
+        """Tear the process group down on every rank together: destroy_process_group is collective, and a rank
+        that tore down while rank 0 still evaluated was seen to abort (SIGABRT, 'terminate called without an
+        active exception') under load, after which torchrun stopped rank 0 mid-run."""
         if self.active and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
