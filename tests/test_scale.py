@@ -171,6 +171,23 @@ def test_torchrun_arguments_are_checked():
         ddp.check_args(Args(num_envs=8, vector_env="sync"), object())
 
 
+def test_every_rank_reaches_the_teardown_before_the_process_group_goes(monkeypatch):
+    """destroy_process_group is collective: a rank that tore down while rank 0 still evaluated aborted once in CI."""
+    import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    ddp = distributed.DataParallel.__new__(distributed.DataParallel)
+    ddp.world_size, ddp.rank, ddp.leader = 2, 1, False
+    ddp.close()
+    assert calls == ["barrier", "destroy"]
+    ddp.world_size = 1  # one process: nothing to tear down
+    ddp.close()
+    assert calls == ["barrier", "destroy"]
+
+
 def test_torchrun_two_processes_train_one_run(tmp_path):
     import json
     import subprocess
