@@ -443,9 +443,25 @@ def scale_net(name: str, device: str, seed: int):
     return net.to(device)
 
 
+def graph_of(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (warmed up on a side stream first, as torch's docs do); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def scale_cases(net, n: int, seed: int, sync: Callable[[], None]) -> list[Case]:
     """raw (the adapters on a fixed state: every member runs, as with the halt rule), raw_member (only each row's
-    member: no disagreement), env (WorldModelVectorEnv, torch output) and rollout (env + PPO's policy sample)."""
+    member: no disagreement), env (WorldModelVectorEnv, torch output) and rollout (env + PPO's policy sample); on a
+    GPU also raw_graph (the raw step captured in a CUDA graph: the model alone without launch costs), env_graph and
+    rollout_graph (the env with use_cuda_graph(), as ppo_imagined.py steps it there)."""
     from ensemble_imagination import Imagination, make_imagined_vector_env
     from ppo_imagined import Agent
 
@@ -465,36 +481,52 @@ def scale_cases(net, n: int, seed: int, sync: Callable[[], None]) -> list[Case]:
             sync()
 
         cases.append(Case(name, run_raw, n))
-    envs = make_imagined_vector_env(net, n, seed=seed, horizon=SCALE_HORIZON, output="torch")
-    envs.reset(seed=seed)
+    graphs = (False, True) if device.type == "cuda" else (False,)
+    if device.type == "cuda":
+        im = Imagination()
+        state = im.batched_reset_fn(net, seed=np.arange(seed, seed + n))["state"]
+        replay = graph_of(lambda: im.batched_transition_fn(net, state, actions))
 
-    def run_env(iters: int) -> None:
-        for _ in range(iters):
-            envs.step(actions)
-        sync()
+        def run_raw_graph(iters: int) -> None:
+            for _ in range(iters):
+                replay()
+            sync()
 
-    cases.append(Case("env", run_env, n, close=envs.close))
+        cases.append(Case("raw_graph", run_raw_graph, n))
+    for graph in graphs:
+        envs = make_imagined_vector_env(net, n, seed=seed, horizon=SCALE_HORIZON, output="torch")
+        envs = envs.use_cuda_graph() if graph else envs
+        envs.reset(seed=seed)
+
+        def run_env(iters: int, envs=envs) -> None:
+            for _ in range(iters):
+                envs.step(actions)
+            sync()
+
+        cases.append(Case("env_graph" if graph else "env", run_env, n, close=envs.close))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         agent = Agent(net.obs_dim, net.action_space).to(device)
-    roll = make_imagined_vector_env(net, n, seed=seed, horizon=SCALE_HORIZON, output="torch")
-    obs = [roll.reset(seed=seed)[0]]
     low, high = (None, None) if net.discrete else (net.act_low, net.act_high)
+    for graph in graphs:
+        roll = make_imagined_vector_env(net, n, seed=seed, horizon=SCALE_HORIZON, output="torch")
+        roll = roll.use_cuda_graph() if graph else roll
+        obs = [roll.reset(seed=seed)[0]]
 
-    def run_rollout(iters: int) -> None:
-        o = obs[0]
-        for _ in range(iters):
-            with torch.no_grad():
-                action = agent.get_action_and_value(o)[0]
-            o = roll.step(action if low is None else torch.minimum(torch.maximum(action, low), high))[0]
-        obs[0] = o
-        sync()
+        def run_rollout(iters: int, roll=roll, obs=obs) -> None:
+            o = obs[0]
+            for _ in range(iters):
+                with torch.no_grad():
+                    action = agent.get_action_and_value(o)[0]
+                o = roll.step(action if low is None else torch.minimum(torch.maximum(action, low), high))[0]
+            obs[0] = o
+            sync()
 
-    cases.append(Case("rollout", run_rollout, n, close=roll.close))
+        cases.append(Case("rollout_graph" if graph else "rollout", run_rollout, n, close=roll.close))
     return cases
 
 
-def e2e_ppo(net, n: int, args: Args, workdir: str) -> float:
+def e2e_ppo(net, n: int, args: Args, workdir: str, extra: tuple[str, ...] = ()) -> float:
     """End-to-end imagined PPO steps/s (rollout + GAE + update): the script in a subprocess on the saved model,
     --num-envs n, E2E_ITERATIONS iterations of 128 steps, no Dyna round, one final episode. The rate is the steady
     one, between the first and the last iteration's status lines (`step S ... SPS R`: R = S / training seconds so
@@ -513,6 +545,7 @@ def e2e_ppo(net, n: int, args: Args, workdir: str) -> float:
            "--imagined-horizon", str(SCALE_HORIZON), "--halt-threshold", "0", "--eval-episodes", "1",
            "--num-threads", str(args.num_threads), "--seed", str(args.seed), "--exp-name", f"bench_{n}"]
     cmd += ["--no-cuda"] if args.device == "cpu" else ["--cuda-min-envs", "0"]  # the device asked for, at any N
+    cmd += list(extra)
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark.py: the end-to-end PPO run failed:\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -556,11 +589,16 @@ def scale_table(args: Args) -> dict:
                         case.close()
                 cell = {k: statistics.median(v) for k, v in rates.items()}
                 cell["env_vs_raw"] = median_ratio(rates, "env", "raw")
+                if "env_graph" in rates:  # the GPU's env as the scripts step it, against the same raw step, and
+                    cell["env_graph_vs_raw"] = median_ratio(rates, "env_graph", "raw")  # like for like
+                    cell["env_graph_vs_raw_graph"] = median_ratio(rates, "env_graph", "raw_graph")
                 envs = make_imagined_vector_env(net, n, seed=args.seed, horizon=SCALE_HORIZON, output="torch")
                 cell["reset_s"] = reset_seconds(envs, args.seed, sync)
                 envs.close()
                 if model_name == "cartpole" and n in e2e_sizes:
                     cell["e2e_ppo"] = e2e_ppo(net, n, args, workdir)
+                    if cuda:  # the same run with the eager env: what the CUDA graph buys end to end
+                        cell["e2e_ppo_eager_env"] = e2e_ppo(net, n, args, workdir, ("--no-cuda-graph",))
                 table[model_name][str(n)] = cell
                 print(f"  {model_name} N={n}: " + ", ".join(f"{k} {v:.3g}" for k, v in cell.items())
                       + f" ({time.perf_counter() - start:.1f}s)", flush=True)
@@ -571,11 +609,20 @@ def scale_table(args: Args) -> dict:
             del net
     lines = ["| model | N | raw step | raw, chosen member only | env step | env/raw | PPO rollout step | reset() "
              "| end-to-end PPO |", "|---|---|---|---|---|---|---|---|---|"]
+    if cuda:
+        lines = ["| model | N | raw step | raw, chosen member only | raw, CUDA graph | env step | env/raw | env, CUDA "
+                 "graph | its /raw | its /raw graph | PPO rollout step | with the graph env | reset() | end-to-end PPO |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model_name, cells in table.items():
         for n, c in cells.items():
+            graph_cols = (f"{fmt_rate(c['raw_graph'])} | " if cuda else "",
+                          f" {fmt_rate(c['env_graph'])} | {c['env_graph_vs_raw']:.2f} | "
+                          f"{c['env_graph_vs_raw_graph']:.2f} |" if cuda else "",
+                          f" {fmt_rate(c['rollout_graph'])} |" if cuda else "")
             lines.append(f"| {model_name} | {int(n):,} | {fmt_rate(c['raw'])} | {fmt_rate(c['raw_member'])} | "
-                         f"{fmt_rate(c['env'])} | {c['env_vs_raw']:.2f} | {fmt_rate(c['rollout'])} | "
-                         f"{c['reset_s']:.3f} s | {fmt_rate(c.get('e2e_ppo'))} |")
+                         f"{graph_cols[0]}{fmt_rate(c['env'])} | {c['env_vs_raw']:.2f} |{graph_cols[1]} "
+                         f"{fmt_rate(c['rollout'])} |{graph_cols[2]} {c['reset_s']:.3f} s | "
+                         f"{fmt_rate(c.get('e2e_ppo'))} |")
     print("\nSteps/s (one vector step of N envs counts N; medians); reset() in seconds:\n")
     print("\n".join(lines))
     print(f"\nreset() of {RESET_N:,} rows: {extra['reset_65536_s']:.3f} s", flush=True)
@@ -583,7 +630,8 @@ def scale_table(args: Args) -> dict:
               **extra}
     cells = table.get("cartpole", {})
     if cuda:  # the GPU targets where their N was measured
-        gpu = {f"env_vs_raw_{n}": cells[str(n)]["env_vs_raw"] for n in (4096, 65_536, 262_144, 1_048_576)
+        # the env as ppo_imagined.py steps it on a GPU (one CUDA graph a step) against the raw model step
+        gpu = {f"env_vs_raw_{n}": cells[str(n)]["env_graph_vs_raw"] for n in (4096, 65_536, 262_144, 1_048_576)
                if str(n) in cells}
         if str(1_048_576) in cells:
             gpu["reset_1048576_s"] = cells[str(1_048_576)]["reset_s"]

@@ -71,13 +71,20 @@ def vector_env_kind(args, model):
     return args.vector_env
 
 
-def imagined_vector_env(model, kind, num_envs, seed, device, make_env, **settings):
-    """The imagined envs a script steps: the model's batched env (torch output on a GPU), or gymnasium's
+def imagined_vector_env(model, kind, num_envs, seed, device, make_env, cuda_graph=False, **settings):
+    """The imagined envs a script steps: the model's batched env (torch output on a GPU, stepped as one CUDA graph
+    with `cuda_graph`), or gymnasium's
     SyncVectorEnv / AsyncVectorEnv (spawned workers) of the script's `make_env(seed)` thunks, NEXT_STEP autoreset
     either way."""
     if kind == "batched":
-        return model.imagined_vector_env(num_envs, seed=seed, output="torch" if str(device).startswith("cuda")
-                                         else "numpy", **settings)
+        cuda = str(device).startswith("cuda")
+        envs = model.imagined_vector_env(num_envs, seed=seed, output="torch" if cuda else "numpy", **settings)
+        if cuda and cuda_graph:
+            if not callable(getattr(envs, "use_cuda_graph", None)):
+                raise ValueError(f"--cuda-graph: {type(model).__name__}.imagined_vector_env returned a "
+                                 f"{type(envs).__name__}, which has no use_cuda_graph(); pass --no-cuda-graph")
+            envs.use_cuda_graph()
+        return envs
     vector_cls = gym.vector.SyncVectorEnv if kind == "sync" else functools.partial(gym.vector.AsyncVectorEnv,
                                                                                     context="spawn")
     return vector_cls([make_env(seed + i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
@@ -93,6 +100,7 @@ def make_envs(args, model, run, vector_env, device, make_env):
     path = run.checkpoint()["world_model_path"] if vector_env != "batched" else None
     return imagined_vector_env(model, vector_env, args.num_envs, args.seed, device,
                                lambda seed: make_env(args, path, seed, args.imagined_horizon),
+                               cuda_graph=getattr(args, "cuda_graph", False),
                                horizon=args.imagined_horizon, start=args.imagined_start, halt=args.halt_threshold,
                                gamma=args.gamma)
 

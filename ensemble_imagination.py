@@ -126,8 +126,11 @@ class Imagination:
                 s, u = _draw_uniform(s, 2 * model.out_dim)
                 u1, u2 = u[:, : model.out_dim], u[:, model.out_dim:]
                 noise = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)  # Box-Muller
+            # the Discrete range check is free on the CPU; on a GPU it is a host sync (no CUDA graph holds one),
+            # and the envs have checked the actions before they reach an adapter
             next_obs, reward, logit, disagreement = model.predict(state["obs"], action, members=member, noise=noise,
-                                                                  disagreement=self.disagreement)
+                                                                  disagreement=self.disagreement,
+                                                                  validate=s.device.type == "cpu")
         terminated = logit > 0.0  # sigmoid(logit) > 0.5
         info = {"disagreement": disagreement} if self.disagreement else {}
         if self.halt > 0:

@@ -187,12 +187,14 @@ class EnsembleWorldModel(nn.Module):
         self.buffer_obs = obs[torch.as_tensor(rng.choice(len(buffer), size=n, replace=False), device=dev)].clone()
 
     # ---- encoding / forward ------------------------------------------------------------------------------------
-    def encode_action(self, action):
-        """Actions (numpy/torch/list, batched) -> float features on model.device: one-hot or clipped Box."""
+    def encode_action(self, action, validate=True):
+        """Actions (numpy/torch/list, batched) -> float features on model.device: one-hot or clipped Box.
+        validate=False skips the Discrete range check, a host read (a sync on a GPU, and no CUDA graph can hold
+        it): for callers that checked the actions already, as the imagined envs do."""
         a = torch.as_tensor(to_numpy(action) if not isinstance(action, torch.Tensor) else action, device=self.device)
         if self.discrete:
             idx = a.reshape(-1).long() - int(self.action_space.start)
-            if idx.numel() and (idx.min() < 0 or idx.max() >= self.act_dim):
+            if validate and idx.numel() and (idx.min() < 0 or idx.max() >= self.act_dim):
                 raise ValueError(
                     f"action out of range for {self.action_space}: got values in [{int(idx.min()) + self.action_space.start}, "
                     f"{int(idx.max()) + self.action_space.start}]"
@@ -230,11 +232,12 @@ class EnsembleWorldModel(nn.Module):
         return h[..., 0]
 
     @torch.no_grad()
-    def predict(self, obs, action, members=None, noise=None, disagreement=True):
+    def predict(self, obs, action, members=None, noise=None, disagreement=True, validate=True):
         """One batched step. obs (B,obs_dim) tensor, action batch. members (B,) long chooses one member per row
         (None: ensemble mean). noise (B,out_dim) standard normals or None. Returns next_obs (B,obs_dim),
         reward (B,), termination logit (B,), disagreement (B,): std across members of the normalised prediction
-        (None when members are given with `disagreement=False`: then no other member needs to run).
+        (None when members are given with `disagreement=False`: then no other member needs to run). validate: see
+        `encode_action`.
 
         All members run in one batched matmul and each row's member is gathered (no per-row loop, no host sync).
         On the CPU, where the FLOPs are the cost: without disagreement rows are grouped by member, so each row runs
@@ -248,10 +251,10 @@ class EnsembleWorldModel(nn.Module):
             action = action if isinstance(action, torch.Tensor) else torch.as_tensor(to_numpy(action))
             parts = [self.predict(obs[i:i + _CPU_BLOCK], action[i:i + _CPU_BLOCK],
                                   None if members is None else members[i:i + _CPU_BLOCK],
-                                  None if noise is None else noise[i:i + _CPU_BLOCK], disagreement)
+                                  None if noise is None else noise[i:i + _CPU_BLOCK], disagreement, validate)
                      for i in range(0, len(obs), _CPU_BLOCK)]
             return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
-        x = self.model_input(obs, self.encode_action(action))
+        x = self.model_input(obs, self.encode_action(action, validate))
         rows = None if members is None else torch.arange(len(obs), device=self.device)
         spread = None
         if grouped:

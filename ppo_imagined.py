@@ -48,6 +48,9 @@ class Args:
     """The fewest envs for which --cuda uses the GPU (0: always). With fewer, a step is a few dozen tiny kernels
     whose launches cost more than the CPU's arithmetic. Measured on an H200 machine: the default 32 envs train 2.1x
     faster per iteration on its CPU; 256 envs about as fast on either; 4,096 envs 13x faster on the GPU."""
+    cuda_graph: bool = True
+    """If toggled, the batched imagined env steps as one CUDA graph where it runs on a GPU (world_model_env's
+    `use_cuda_graph`: a bad action or a NaN is then raised one step late); --no-cuda-graph steps it eagerly."""
     num_threads: int = 1
     """The number of torch CPU threads."""
 

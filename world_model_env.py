@@ -483,6 +483,7 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         self._autoreset_rows = _NO_ROWS  # host indices of the rows that finished last step (NEXT_STEP)
         self._autoreset_mask = None  # ... and the same rows as last step's done mask, in the output kind
         self._action_bounds = None  # Box bounds in the output kind, made at the first step
+        self._graph = None  # cuda_graph_step.GraphStep after use_cuda_graph()
 
         self._torch_out = output == "torch"
         self._obs_float = np.issubdtype(observation_space.dtype, np.floating)
@@ -534,11 +535,26 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
         self._state = state
         self._steps = self._index(np.zeros(n, dtype=np.int64))
         self._autoreset_rows = _NO_ROWS
+        if self._graph is not None:
+            self._graph.after_reset()
         return obs, info
+
+    def use_cuda_graph(self, eager: bool = False) -> "WorldModelVectorEnv":
+        """Run every step as one CUDA graph (``cuda_graph_step.py``): the model, the bookkeeping and the checks
+        in one launch, the host never waiting for the GPU. Needs ``output="torch"`` on a CUDA device, NEXT_STEP
+        autoreset, a Discrete or Box action space and adapters a graph can hold (tensor ops on the device, no host
+        reads, fixed shapes); call it before the first ``reset()``. Bad actions and non-finite values are then
+        raised one step late. ``eager=True``: the same step without a graph, on any device. Returns the env."""
+        from cuda_graph_step import GraphStep  # torch users only
+
+        self._graph = GraphStep(self, eager=eager)
+        return self
 
     def step(self, actions):
         if self._state is None:
             raise ResetNeeded(f"{self._owner}: call reset() before step().")
+        if self._graph is not None:
+            return self._graph.step(actions)
         given = actions
         actions, actions_ok = self._check_actions(actions)
         with _no_grad():  # one context for the whole step: the adapters and the reset rows' writes
