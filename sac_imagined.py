@@ -14,6 +14,7 @@
 # real data. After each real step, --utd-ratio SAC updates on batches with --real-ratio real data (--world-model
 # none: plain SAC). real_env_steps counts every real transition learned from, eval_env_steps the evaluations'.
 import inspect
+import math
 import os
 import sys
 import time
@@ -143,21 +144,33 @@ def make_env(args, model_path, seed, horizon):
     return thunk
 
 
-class SoftQNetwork(nn.Module):
-    def __init__(self, obs_dim, act_dim, hidden_size=256):
+class SoftQNetworks(nn.Module):
+    """The twin soft Q-networks of clipped double Q as one module: each layer holds both critics' weights in one
+    (2, in, out) tensor and runs them in one batched matmul (`baddbmm`). The same networks as two `nn.Linear` MLPs
+    (the same init), in half the ops: a CPU update is bound by the number of ops, not their FLOPs.
+    forward(obs, actions) -> (2, B)."""
+
+    def __init__(self, obs_dim, act_dim, hidden_size=256, num_q=2):
         super().__init__()
-        self.fc1 = nn.Linear(obs_dim + act_dim, hidden_size)
-        self.fc2 = nn.Linear(hidden_size, hidden_size)
-        self.fc3 = nn.Linear(hidden_size, 1)
+        sizes = [obs_dim + act_dim, hidden_size, hidden_size, 1]
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_q, i, o)) for i, o in zip(sizes, sizes[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_q, 1, o)) for o in sizes[1:])
+        for w, b in zip(self.weights, self.biases):  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1.0 / np.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
 
     def forward(self, x, a):
-        x = torch.cat([x, a], 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x).view(-1)
+        h = torch.cat([x, a], 1).expand(len(self.weights[0]), -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h, w)
+            if i < len(self.weights) - 1:
+                h = F.relu(h)
+        return h.squeeze(-1)
 
 
 LOG_STD_MAX, LOG_STD_MIN = 2, -5
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 class Actor(nn.Module):
@@ -185,12 +198,13 @@ class Actor(nn.Module):
     def get_action(self, x):
         """Returns a sampled action (reparameterised), its log-probability (B,) and the deterministic action."""
         mean, log_std = self(x)
-        normal = torch.distributions.Normal(mean, log_std.exp(), validate_args=False)  # checks sync a GPU per call
-        x_t = normal.rsample()
+        eps = torch.randn_like(mean)
+        x_t = mean + log_std.exp() * eps  # reparameterised, as Normal(mean, std).rsample()
         y_t = torch.tanh(x_t)
         action = y_t * self.action_scale + self.action_bias
-        # change of variables for the tanh squashing and the rescaling
-        log_prob = normal.log_prob(x_t) - torch.log(self.action_scale * (1 - y_t.pow(2)) + 1e-6)
+        # log N(x_t; mean, std) is -eps^2/2 - log std - log(2 pi)/2 (Normal.log_prob's value and gradients, fewer ops),
+        # then the change of variables for the tanh squashing and the rescaling
+        log_prob = -0.5 * eps.pow(2) - log_std - HALF_LOG_2PI - torch.log(self.action_scale * (1 - y_t.pow(2)) + 1e-6)
         return action, log_prob.sum(1), torch.tanh(mean) * self.action_scale + self.action_bias
 
 
@@ -306,15 +320,11 @@ if __name__ == "__main__":
         figures, timings, writer = run.figures, run.timings, run.writer
         obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
         actor = nets["actor"] = Actor(obs_dim, act_space, args.hidden_size).to(device)
-        qf1 = nets["qf1"] = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
-        qf2 = nets["qf2"] = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
-        qf1_target = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
-        qf2_target = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
-        qf1_target.load_state_dict(qf1.state_dict())
-        qf2_target.load_state_dict(qf2.state_dict())
+        qf = nets["qf"] = SoftQNetworks(obs_dim, act_dim, args.hidden_size).to(device)  # both critics
+        qf_target = SoftQNetworks(obs_dim, act_dim, args.hidden_size).to(device)
+        qf_target.load_state_dict(qf.state_dict())
         # fused: one kernel for all parameters (on the CPU Adam otherwise loops over them one op at a time)
-        q_params = list(qf1.parameters()) + list(qf2.parameters())
-        q_target_params = list(qf1_target.parameters()) + list(qf2_target.parameters())
+        q_params, q_target_params = list(qf.parameters()), list(qf_target.parameters())
         q_optimizer = optim.Adam(q_params, lr=args.q_lr, fused=True)
         actor_optimizer = optim.Adam(list(actor.parameters()), lr=args.policy_lr, fused=True)
         if args.autotune:  # automatic entropy tuning
@@ -424,22 +434,24 @@ if __name__ == "__main__":
 
             t0 = time.time()
             num_real = args.batch_size if model is None else int(round(args.real_ratio * args.batch_size))
-            for _ in range(args.utd_ratio):
+            # this real step's --utd-ratio batches drawn at once (the buffers do not change in between): each is
+            # num_real real rows and the rest from the model buffer, as drawn one at a time, in fewer ops
+            batches = rb.sample(num_real * args.utd_ratio, device)
+            batches = [t.view(args.utd_ratio, num_real, *t.shape[1:]) for t in batches]
+            if num_real < args.batch_size:
+                model_batches = model_rb.sample((args.batch_size - num_real) * args.utd_ratio, device)
+                batches = [torch.cat((t, m.view(args.utd_ratio, -1, *m.shape[1:])), 1)
+                           for t, m in zip(batches, model_batches)]
+            for b_obs, b_actions, b_rewards, b_next_obs, b_terminated in zip(*batches):
                 num_updates += 1
-                real_batch = rb.sample(num_real, device)
-                if num_real < args.batch_size:
-                    model_batch = model_rb.sample(args.batch_size - num_real, device)
-                    real_batch = [torch.cat(pair) for pair in zip(real_batch, model_batch)]
-                b_obs, b_actions, b_rewards, b_next_obs, b_terminated = real_batch
                 with torch.no_grad():
                     next_actions, next_log_prob, _ = actor.get_action(b_next_obs)
-                    next_q_value = soft_q_target(b_rewards, b_terminated, qf1_target(b_next_obs, next_actions),
-                                                 qf2_target(b_next_obs, next_actions), next_log_prob, alpha, args.gamma)
-                qf1_a_values = qf1(b_obs, b_actions)
-                qf2_a_values = qf2(b_obs, b_actions)
-                qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
-                qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
-                qf_loss = qf1_loss + qf2_loss
+                    next_q = qf_target(b_next_obs, next_actions)
+                    next_q_value = soft_q_target(b_rewards, b_terminated, next_q[0], next_q[1], next_log_prob, alpha,
+                                                 args.gamma)
+                q_a_values = qf(b_obs, b_actions)  # (2, B)
+                q_losses = (q_a_values - next_q_value).pow(2).mean(1)  # each critic's MSE
+                qf_loss = q_losses.sum()
                 q_optimizer.zero_grad()
                 qf_loss.backward()
                 q_optimizer.step()
@@ -449,7 +461,7 @@ if __name__ == "__main__":
                         pi, log_pi, _ = actor.get_action(b_obs)
                         for p in q_params:  # the actor's loss needs no critic weight gradients: two matmuls less
                             p.requires_grad_(False)
-                        min_qf_pi = torch.min(qf1(b_obs, pi), qf2(b_obs, pi))
+                        min_qf_pi = qf(b_obs, pi).min(0).values
                         for p in q_params:
                             p.requires_grad_(True)
                         actor_loss = (alpha * log_pi - min_qf_pi).mean()
@@ -469,9 +481,10 @@ if __name__ == "__main__":
 
             sps = int((step + 1) / (time.time() - loop_start))
             if step % 100 == 0 and num_updates >= args.policy_frequency:
-                for tag, value in {"losses/qf1_values": qf1_a_values.mean().item(),
-                                   "losses/qf2_values": qf2_a_values.mean().item(), "losses/qf1_loss": qf1_loss.item(),
-                                   "losses/qf2_loss": qf2_loss.item(), "losses/qf_loss": qf_loss.item() / 2.0,
+                (qf1_value, qf2_value), (qf1_loss, qf2_loss) = q_a_values.mean(1).tolist(), q_losses.tolist()
+                for tag, value in {"losses/qf1_values": qf1_value, "losses/qf2_values": qf2_value,
+                                   "losses/qf1_loss": qf1_loss, "losses/qf2_loss": qf2_loss,
+                                   "losses/qf_loss": qf_loss.item() / 2.0,
                                    "losses/actor_loss": actor_loss.item(), "losses/alpha": alpha,
                                    **({"losses/alpha_loss": alpha_loss.item()} if args.autotune else {}),
                                    "charts/SPS": sps, "charts/real_env_steps": global_step}.items():

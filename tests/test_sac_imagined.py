@@ -49,6 +49,48 @@ def pendulum_net():
     return net, data
 
 
+def test_twin_critics_are_two_mlps_in_one_module():
+    """SoftQNetworks' batched matmuls give what two nn.Linear MLPs with the same weights give, and its init is
+    nn.Linear's range."""
+    torch.manual_seed(0)
+    qf = sac.SoftQNetworks(5, 2, hidden_size=16)
+    x, a = torch.randn(7, 5), torch.randn(7, 2)
+    out = qf(x, a)
+    assert out.shape == (2, 7)
+    for q in range(2):
+        layers = []
+        for w, b in zip(qf.weights, qf.biases):
+            linear = torch.nn.Linear(w.shape[1], w.shape[2])
+            linear.weight.data, linear.bias.data = w[q].T.clone(), b[q, 0].clone()
+            layers += [linear, torch.nn.ReLU()]
+        reference = torch.nn.Sequential(*layers[:-1])(torch.cat([x, a], 1)).view(-1)
+        torch.testing.assert_close(out[q], reference)
+    assert all(w.abs().max() <= 1 / np.sqrt(w.shape[1]) for w in qf.weights)
+    assert not torch.equal(qf.weights[0][0], qf.weights[0][1])  # two critics, not one twice
+
+
+def test_actor_log_prob_is_the_squashed_gaussians():
+    """get_action's hand-written log-probability: Normal.log_prob's value and gradients, tanh-corrected."""
+    torch.manual_seed(0)
+    actor = sac.Actor(3, gym.spaces.Box(-2.0, 2.0, (2,), np.float32), hidden_size=8)
+    x = torch.randn(5, 3)
+    torch.manual_seed(1)
+    action, log_prob, _ = actor.get_action(x)
+    grads = torch.autograd.grad(log_prob.sum() + action.sum(), list(actor.parameters()))
+    torch.manual_seed(1)
+    mean, log_std = actor(x)
+    normal = torch.distributions.Normal(mean, log_std.exp())
+    x_t = mean + log_std.exp() * torch.randn_like(mean)
+    y_t = torch.tanh(x_t)
+    expected = (normal.log_prob(x_t) - torch.log(actor.action_scale * (1 - y_t.pow(2)) + 1e-6)).sum(1)
+    expected_action = y_t * actor.action_scale + actor.action_bias
+    torch.testing.assert_close(log_prob, expected)
+    torch.testing.assert_close(action, expected_action)
+    expected_grads = torch.autograd.grad(expected.sum() + expected_action.sum(), list(actor.parameters()))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
 def test_branched_rollouts_start_from_real_states_and_stop_at_the_horizon(pendulum_net):
     net, data = pendulum_net
     starts = data.obs[[3, 50, 120, 7, 260]]
