@@ -14,7 +14,7 @@ the checks: below tens of thousands of rows the GPU waits for the host. Here one
 5. fresh copies of the outputs returned (the caller owns them, as with the eager env).
 
 The price of never waiting: a bad action or a non-finite value is raised at the step after the one that made
-it (the env then needs a `reset()`), without the rows (`eager=True` or the plain env finds them). Discrete
+it (the env then needs a `reset()`), without the rows (the plain env, without `use_cuda_graph()`, names them). Discrete
 indices are clamped into range for the model meanwhile, as in the eager env.
 
 What a captured step needs from the adapters (the reference ensemble's meet it): tensor operations only on the
