@@ -120,11 +120,7 @@ class GraphStep:
 
     def step(self, actions):
         env = self.env
-        actions = env._convert(actions)
-        if tuple(actions.shape) != env.action_space.shape:
-            raise ValueError(f"{env._owner}.step: actions have shape {tuple(actions.shape)}, expected "
-                             f"{env.action_space.shape} (num_envs={env.num_envs}, single action_space "
-                             f"{env.single_action_space}). Pass one action per env.")
+        actions = env._shaped_actions(actions)
         if self._box_dtype is not None:  # Box actions in the bounds' dtype, as the eager env does
             actions = actions.to(self._box_dtype)
         if self._replay is None:

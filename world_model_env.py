@@ -761,17 +761,22 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
             self._fill(x, clear, 0)
         return x
 
+    def _shaped_actions(self, actions):
+        """The actions in the output kind, after checking there is one per env (no kernel: shapes only)."""
+        actions = self._convert(actions)
+        if tuple(actions.shape) != self.action_space.shape:
+            raise ValueError(f"{self._owner}.step: actions have shape {tuple(actions.shape)}, expected "
+                             f"{self.action_space.shape} (num_envs={self.num_envs}, single action_space "
+                             f"{self.single_action_space}). Pass one action per env.")
+        return actions
+
     def _check_actions(self, actions):
         """Validate before the model sees them (an out-of-range index on a GPU is a device assert, not an error).
         Returns (actions, None) when checked here, or, for torch output, (actions, ok) with `ok` a device flag that
         `_finite_done_rows` brings to the host in the step's one sync; out-of-range Discrete actions are clamped
         for the model meanwhile, and the step raises before it returns (the env then needs a reset())."""
         space = self.single_action_space
-        actions = self._convert(actions)
-        if tuple(actions.shape) != self.action_space.shape:
-            raise ValueError(f"{self._owner}.step: actions have shape {tuple(actions.shape)}, expected "
-                             f"{self.action_space.shape} (num_envs={self.num_envs}, single action_space {space}). Pass "
-                             "one action per env.")
+        actions = self._shaped_actions(actions)
         if isinstance(space, spaces.Discrete):
             lo, hi, kind = space.start, space.start + space.n, _kind(actions)
             if kind not in "iu":
