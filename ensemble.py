@@ -429,10 +429,12 @@ class EnsembleModel(world_model.WorldModel):
     `net` is the `EnsembleWorldModel` once fitted or loaded; `data` the real transitions it was fitted on.
     ensemble_size / hidden_size / num_layers / num_elites size a new fit (a loaded checkpoint keeps its own):
     `--world-model ensemble` is 5 members of 3x128, all drawn; `--world-model mbpo-ensemble` is MBPO's network
-    (`mbpo_ensemble`: 7 members of 4x200, the 5 best on validation data drawn)."""
+    (`mbpo_ensemble`: 7 members of 4x200, the 5 best on validation data drawn).
+    termination_fn: a known termination rule on next observations (`ensemble_imagination.Imagination`) that the
+    imagined envs use instead of the learned head (which is still fitted and reported); None: the learned one."""
 
     def __init__(self, env_id, seed=0, device="cpu", termination_pos_weight="sqrt", *, ensemble_size=5,
-                 hidden_size=128, num_layers=3, num_elites=None):
+                 hidden_size=128, num_layers=3, num_elites=None, termination_fn=None):
         env = make_real_env(env_id, "EnsembleModel")
         check_spaces_supported(env.observation_space, env.action_space, f"EnsembleModel(env_id={env_id!r})")
         self.observation_space, self.action_space = env.observation_space, env.action_space
@@ -444,6 +446,7 @@ class EnsembleModel(world_model.WorldModel):
         self.termination_pos_weight = termination_pos_weight
         self.sizes = dict(ensemble_size=ensemble_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_elites=num_elites)
+        self.termination_fn = termination_fn
         self.net, self.data, self.extra = None, None, {}
 
     def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
@@ -462,7 +465,7 @@ class EnsembleModel(world_model.WorldModel):
         if self.net is None:
             raise ValueError("EnsembleModel: fit() or load() it before imagining")
         return dict(horizon=horizon, start=start, halt=halt, gamma=gamma, sample_noise=sample_noise,
-                    disagreement=disagreement)
+                    disagreement=disagreement, termination_fn=self.termination_fn)
 
     # disagreement=False with halt 0: each row runs only its own member (about ensemble_size x fewer FLOPs) and
     # info carries no "disagreement" (ensemble_imagination.Imagination); the scripts keep the default
@@ -490,9 +493,9 @@ class EnsembleModel(world_model.WorldModel):
         return self
 
 
-def mbpo_ensemble(env_id, seed=0, device="cpu"):
+def mbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None):
     """`--world-model mbpo-ensemble`: the reference ensemble with MBPO's network (Janner et al. 2019, its released
     configs): 7 members of 4 hidden layers of 200 units, imagination drawing from the 5 best on validation data."""
     return EnsembleModel(env_id, seed=seed, device=device, ensemble_size=7, hidden_size=200, num_layers=4,
-                         num_elites=5)
+                         num_elites=5, termination_fn=termination_fn)
 

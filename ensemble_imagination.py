@@ -80,10 +80,17 @@ class Imagination:
     sample_noise: sample each member's Gaussian instead of using its mean.
     disagreement: False skips the members a row did not choose when the halt rule is off (halt 0): the step is
     then about ensemble_size x cheaper and info carries no "disagreement".
+    termination_fn: a known termination rule, `termination_fn(next_obs) -> bool tensor (B,)`, that replaces the
+    learned termination head (MBPO's static termination functions; the halt rule still ends episodes on top).
     Each row uses a random member per step (MBPO-style: one of the model's elites), drawn from a per-row random state seeded by its reset
     seed, so a row's trajectory depends only on its seed and its actions (batched and single envs agree)."""
 
-    def __init__(self, start="start", halt=0.0, gamma=0.99, sample_noise=False, disagreement=True):
+    def __init__(self, start="start", halt=0.0, gamma=0.99, sample_noise=False, disagreement=True,
+                 termination_fn=None):
+        if termination_fn is not None and not callable(termination_fn):
+            raise ValueError(f"termination_fn must be callable as termination_fn(next_obs) -> bool tensor (B,), got "
+                             f"{type(termination_fn).__name__}")
+        self.termination_fn = termination_fn
         if start not in ("start", "buffer"):
             raise ValueError(f"imagined start must be 'start' or 'buffer', got {start!r}")
         if not (isinstance(halt, (int, float)) and halt >= 0):
@@ -131,7 +138,7 @@ class Imagination:
             next_obs, reward, logit, disagreement = model.predict(state["obs"], action, members=member, noise=noise,
                                                                   disagreement=self.disagreement,
                                                                   validate=s.device.type == "cpu")
-        terminated = logit > 0.0  # sigmoid(logit) > 0.5
+        terminated = logit > 0.0 if self.termination_fn is None else self.termination_fn(next_obs)  # sigmoid > 0.5
         info = {"disagreement": disagreement} if self.disagreement else {}
         if self.halt > 0:
             halted = disagreement > self.halt * model.disagreement_ref
@@ -160,11 +167,11 @@ class Imagination:
 
 
 def make_imagined_env(model, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99, sample_noise=False,
-                      disagreement=True):
+                      disagreement=True, termination_fn=None):
     """A single `WorldModelEnv` (NumPy) driven by `model`, with the real env's spaces. horizon: the imagined time
     limit (a truncation; default the real env's); start / halt / gamma / sample_noise / disagreement: see
     `Imagination`."""
-    im = Imagination(start, halt, gamma, sample_noise, disagreement)
+    im = Imagination(start, halt, gamma, sample_noise, disagreement, termination_fn)
     return WorldModelEnv(model, observation_space=model.observation_space, action_space=model.action_space,
                          reset_fn=im.reset_fn, transition_fn=im.transition_fn,
                          max_episode_steps=model.max_episode_steps if horizon is None else horizon, seed=seed)
@@ -172,10 +179,10 @@ def make_imagined_env(model, seed=None, horizon=None, start="start", halt=0.0, g
 
 def make_imagined_vector_env(model, num_envs, seed=None, horizon=None, start="start", halt=0.0, gamma=0.99,
                              sample_noise=False, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, output="numpy",
-                             disagreement=True):
+                             disagreement=True, termination_fn=None):
     """A natively batched `WorldModelVectorEnv`: one model forward steps all `num_envs` imagined envs.
     output="torch" keeps observations, rewards and flags on model.device (no host copies)."""
-    im = Imagination(start, halt, gamma, sample_noise, disagreement)
+    im = Imagination(start, halt, gamma, sample_noise, disagreement, termination_fn)
     return WorldModelVectorEnv(model, observation_space=model.observation_space, action_space=model.action_space,
                                reset_fn=im.batched_reset_fn, transition_fn=im.batched_transition_fn,
                                num_envs=num_envs, max_episode_steps=model.max_episode_steps if horizon is None else horizon,

@@ -311,3 +311,46 @@ def test_bad_input_one_line_and_no_run_dir(tmp_path, monkeypatch, script, flags,
     text = str(exc.value.code)
     assert text.startswith("error: ") and message in text and "\n" not in text, text
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- examples/known_termination.py
+KNOWN_TERMINATION = os.path.join(ROOT, "examples", "known_termination.py")
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "Walker2d-v5", "InvertedPendulum-v5", "HalfCheetah-v5"])
+def test_known_termination_rules_match_the_real_envs(env_id):
+    import world_model
+
+    rule = world_model.resolve(f"{KNOWN_TERMINATION}:termination_rule")(env_id)
+    data = real_env.collect_transitions(env_id, 1000, seed=0)  # random actions: Hopper falls in ~20 steps
+    predicted = rule(torch.as_tensor(data.next_obs, dtype=torch.float32)).numpy()
+    terminated = np.asarray(data.terminated, bool)
+    assert env_id == "HalfCheetah-v5" or terminated.sum() >= 10
+    np.testing.assert_array_equal(predicted, terminated)
+
+
+def test_known_termination_replaces_the_learned_head(tiny_wm):
+    def rule(obs):  # CartPole's cart to the right of the centre
+        return obs[:, 0] > 0.0
+
+    envs = ensemble_imagination.make_imagined_vector_env(tiny_wm, 16, seed=0, termination_fn=rule, output="torch")
+    envs.reset(seed=0)
+    fresh = torch.zeros(16, dtype=torch.bool)  # NEXT_STEP: the step after a done row is its reset step
+    seen = 0
+    for _ in range(30):
+        obs, _, terminated, truncated, _ = envs.step(torch.ones(16, dtype=torch.long))
+        assert torch.equal(terminated[~fresh], rule(obs)[~fresh])
+        seen += int(terminated.sum())
+        fresh = terminated | truncated
+    assert seen > 0
+
+
+def test_known_termination_model_by_its_spec():
+    import world_model
+
+    model = world_model.make(f"{KNOWN_TERMINATION}:mbpo_ensemble", "InvertedPendulum-v5")
+    assert model.termination_fn is not None and model.sizes["ensemble_size"] == 7
+    with pytest.raises(ValueError, match="no termination rule for env_id='Pendulum-v1'"):
+        world_model.make(f"{KNOWN_TERMINATION}:ensemble_model", "Pendulum-v1")
+    with pytest.raises(ValueError, match="termination_fn must be callable"):
+        ensemble_imagination.Imagination(termination_fn=0.5)
