@@ -81,6 +81,10 @@ class Args:
     """The length of each branched rollout, its end a bootstrapped truncation (MBPO's 1: the most accurate step)."""
     model_retain_rollouts: int = 4
     """The model replay buffer keeps the transitions of this many rollout batches (the oldest are overwritten)."""
+    sample_noise: bool = False
+    """If toggled, each imagined step samples its member's predicted Gaussian (next obs and reward) instead of taking
+    its mean, as MBPO's rollouts do (its `deterministic: False`); for models whose imagined envs take `sample_noise`
+    (the ensembles)."""
     halt_threshold: float = 0.0
     """The halt rule's disagreement multiple (0, the default, turns it off: short branches stay near the data)."""
     real_ratio: float = 0.2
@@ -139,9 +143,14 @@ def make_env(args, model_path, seed, horizon):
         model = world_model.make(args.world_model, env_id=args.env_id, seed=seed)
         model = model.load(model_path) if model_path else model
         return model.imagined_env(seed=seed, horizon=horizon, start="buffer", halt=args.halt_threshold,
-                                  gamma=args.gamma)
+                                  gamma=args.gamma, **noise_setting(args))
 
     return thunk
+
+
+def noise_setting(args):
+    """The imagined envs' keyword for --sample-noise, only when it is on (a model need not take it otherwise)."""
+    return {"sample_noise": True} if args.sample_noise else {}
 
 
 class SoftQNetworks(nn.Module):
@@ -288,6 +297,11 @@ def check_args(args):
     for name in ("halt_threshold", "eval_every"):
         if not getattr(args, name) >= 0:
             raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))
+    if args.sample_noise:
+        wanted = "imagined_vector_env" if dyna.vector_env_kind(args, model) == "batched" else "imagined_env"
+        if model is None or "sample_noise" not in inspect.signature(getattr(model, wanted)).parameters:
+            raise ru.ArgError("--sample-noise", f"a world model whose {wanted} takes sample_noise (the ensembles)",
+                              args.world_model, "Drop --sample-noise for this model.")
     if args.target_entropy is not None and not args.autotune:
         raise ru.ArgError("--target-entropy", "no value with --no-autotune (the entropy coefficient is fixed at "
                           f"--alpha {args.alpha})", args.target_entropy, "Drop one of the two flags.")
@@ -360,7 +374,7 @@ if __name__ == "__main__":
             return dyna.imagined_vector_env(model, vector_env, args.rollout_batch_size, args.seed, device,
                                             lambda seed: make_env(args, path, seed, args.imagined_horizon),
                                             horizon=args.imagined_horizon, start="buffer", halt=args.halt_threshold,
-                                            gamma=args.gamma, **skip_disagreement)
+                                            gamma=args.gamma, **skip_disagreement, **noise_setting(args))
 
         if model is not None:
             imagined_envs = make_envs()

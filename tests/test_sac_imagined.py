@@ -113,6 +113,24 @@ def test_branched_rollouts_start_from_real_states_and_stop_at_the_horizon(pendul
     assert len(out["obs"]) == 3 * len(starts) and np.isin(out["obs"][:5], net.start_obs.numpy()).all()
 
 
+def test_sample_noise_draws_from_the_members_gaussians(pendulum_net):
+    net, data = pendulum_net
+    starts = data.obs[:64]
+    policy = lambda obs: np.full((len(obs), 1), 0.5, np.float32)
+
+    def rollout(**noise):
+        envs = ensemble_imagination.make_imagined_vector_env(net, len(starts), horizon=1, start="start", **noise)
+        return sac.branched_rollouts(envs, policy, starts, seed=0, horizon=1)
+
+    mean, noisy = rollout(), rollout(**sac.noise_setting(sac.Args(sample_noise=True)))
+    assert sac.noise_setting(sac.Args()) == {}
+    assert not np.allclose(mean["next_obs"], noisy["next_obs"]) and not np.allclose(mean["rewards"], noisy["rewards"])
+    # the noise is the members' own spread: small beside the state's scale, and reproducible from the seed
+    assert np.abs(noisy["next_obs"] - mean["next_obs"]).mean() < 0.5
+    again = rollout(sample_noise=True)
+    np.testing.assert_array_equal(noisy["next_obs"], again["next_obs"])
+
+
 def test_imagined_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
     scope, summary = _run(tmp_path, monkeypatch, TINY)
     assert summary["algo"] == "sac_imagined" and summary["world_model"] == "ensemble"
@@ -215,6 +233,8 @@ def test_model_free_run_never_sends_an_action_outside_the_bounds(tmp_path, monke
     (["--refit-passes", "0"], "--refit-passes"),
     (["--refit-every", "0"], "--refit-every"),
     (["--target-entropy", "-1", "--no-autotune"], "--target-entropy"),
+    (["--world-model", "none", "--sample-noise"], "--sample-noise"),
+    (["--world-model", "rssm", "--sample-noise"], "--sample-noise"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
     result = subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,
