@@ -354,3 +354,22 @@ def test_known_termination_model_by_its_spec():
         world_model.make(f"{KNOWN_TERMINATION}:ensemble_model", "Pendulum-v1")
     with pytest.raises(ValueError, match="termination_fn must be callable"):
         ensemble_imagination.Imagination(termination_fn=0.5)
+
+
+def test_hopper_gait_reports_each_episode(tmp_path):
+    import rl_utils as ru
+    import sac_imagined
+
+    gait = runpy.run_path(os.path.join(ROOT, "examples", "hopper_gait.py"))["gait"]
+    env = gym.make("Hopper-v5")
+    torch.manual_seed(0)
+    actor = sac_imagined.Actor(env.observation_space.shape[0], env.action_space, 16)
+    path = str(tmp_path / "agent.pt")
+    ru.save_agent(path, {"actor": actor.state_dict()}, sac_imagined.Args(env_id="Hopper-v5", hidden_size=16))
+    (row,) = gait(path, episodes=1)
+    assert row["ended"] in ("terminated", "truncated") and 1 <= row["length"] <= 1000
+    assert 0.0 <= row["airborne"] <= 1.0 and 0 <= row["take_offs"] <= row["length"]
+    assert row["x_velocity"] == pytest.approx(row["x_displacement"] / (row["length"] * env.unwrapped.dt), rel=0.05)
+    ru.save_agent(path, {"actor": actor.state_dict()}, sac_imagined.Args(env_id="Walker2d-v5", hidden_size=16))
+    with pytest.raises(SystemExit, match="expected Hopper-v5"):
+        gait(path)
