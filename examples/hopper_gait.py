@@ -23,6 +23,9 @@ from sac_imagined import Actor  # noqa: E402
 
 
 def gait(agent_path, episodes=5, first_seed=10_000):
+    if not os.path.isfile(agent_path):
+        raise SystemExit(f"hopper_gait.py: expected the agent.pt a sac_imagined.py run wrote (runs/<run>/agent.pt), "
+                         f"got {agent_path!r}: the file does not exist")
     payload = ru.load_agent(agent_path)
     if payload["args"]["env_id"] != "Hopper-v5":
         raise SystemExit(f"hopper_gait.py: {agent_path} is a {payload['args']['env_id']} agent, expected Hopper-v5")

@@ -373,3 +373,5 @@ def test_hopper_gait_reports_each_episode(tmp_path):
     ru.save_agent(path, {"actor": actor.state_dict()}, sac_imagined.Args(env_id="Walker2d-v5", hidden_size=16))
     with pytest.raises(SystemExit, match="expected Hopper-v5"):
         gait(path)
+    with pytest.raises(SystemExit, match="does not exist"):
+        gait(str(tmp_path / "missing.pt"))
