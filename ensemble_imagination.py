@@ -138,7 +138,7 @@ class Imagination:
             next_obs, reward, logit, disagreement = model.predict(state["obs"], action, members=member, noise=noise,
                                                                   disagreement=self.disagreement,
                                                                   validate=s.device.type == "cpu")
-        terminated = logit > 0.0 if self.termination_fn is None else self.termination_fn(next_obs)  # sigmoid > 0.5
+        terminated = logit > 0.0 if self.termination_fn is None else self.termination_fn(next_obs)  # logit > 0: p > 0.5
         info = {"disagreement": disagreement} if self.disagreement else {}
         if self.halt > 0:
             halted = disagreement > self.halt * model.disagreement_ref

@@ -15,11 +15,10 @@ import sys
 import gymnasium as gym
 import mujoco
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rl_utils as ru  # noqa: E402
-from sac_imagined import Actor  # noqa: E402
+from sac_imagined import Actor, policy_fn  # noqa: E402
 
 
 def gait(agent_path, episodes=5, first_seed=10_000):
@@ -34,14 +33,13 @@ def gait(agent_path, episodes=5, first_seed=10_000):
     floor = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "floor")
     actor = Actor(env.observation_space.shape[0], env.action_space, payload["args"]["hidden_size"])
     actor.load_state_dict(payload["state_dicts"]["actor"])
+    act = policy_fn(actor, "cpu", deterministic=True)  # as the evaluations act
     rows = []
     for episode in range(episodes):
         obs, _ = env.reset(seed=first_seed + episode)
         x0, ret, velocities, airborne = float(data.qpos[0]), 0.0, [], []
         while True:
-            with torch.no_grad():
-                _, _, action = actor.get_action(torch.as_tensor(obs, dtype=torch.float32)[None])
-            obs, reward, terminated, truncated, info = env.step(action[0].numpy())
+            obs, reward, terminated, truncated, info = env.step(act(obs[None])[0])
             ret += float(reward)
             velocities.append(info["x_velocity"])
             airborne.append(not any(floor in (data.contact[i].geom1, data.contact[i].geom2) for i in range(data.ncon)))
