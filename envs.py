@@ -19,42 +19,43 @@ import numpy as np
 from gymnasium.envs.classic_control import CartPoleEnv, PendulumEnv
 
 
-class CartPoleNoVelEnv(CartPoleEnv):
+class _KeepObservation:
+    """A classic-control env observed through the entries `KEEP` of its observation (before its base class in the
+    bases, so that its reset and step come first)."""
+
+    KEEP: np.ndarray
+
+    def _keep_observation_space(self):
+        box = self.observation_space
+        self.observation_space = gym.spaces.Box(box.low[self.KEEP], box.high[self.KEEP], dtype=box.dtype)
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        return obs[self.KEEP], info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs[self.KEEP], reward, terminated, truncated, info
+
+
+class CartPoleNoVelEnv(_KeepObservation, CartPoleEnv):
     """CartPole-v1 whose observation keeps the cart position x and the pole angle theta only."""
 
     KEEP = np.array([0, 2])
 
     def __init__(self, render_mode=None):
         super().__init__(render_mode=render_mode)
-        box = self.observation_space
-        self.observation_space = gym.spaces.Box(box.low[self.KEEP], box.high[self.KEEP], dtype=box.dtype)
-
-    def reset(self, *, seed=None, options=None):
-        obs, info = super().reset(seed=seed, options=options)
-        return obs[self.KEEP], info
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = super().step(action)
-        return obs[self.KEEP], reward, terminated, truncated, info
+        self._keep_observation_space()
 
 
-class PendulumNoVelEnv(PendulumEnv):
+class PendulumNoVelEnv(_KeepObservation, PendulumEnv):
     """Pendulum-v1 whose observation keeps cos(theta) and sin(theta) only."""
 
     KEEP = np.array([0, 1])
 
     def __init__(self, render_mode=None, g=10.0):
         super().__init__(render_mode=render_mode, g=g)
-        box = self.observation_space
-        self.observation_space = gym.spaces.Box(box.low[self.KEEP], box.high[self.KEEP], dtype=box.dtype)
-
-    def reset(self, *, seed=None, options=None):
-        obs, info = super().reset(seed=seed, options=options)
-        return obs[self.KEEP], info
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = super().step(action)
-        return obs[self.KEEP], reward, terminated, truncated, info
+        self._keep_observation_space()
 
 
 class PendulumPixelsEnv(PendulumEnv):
