@@ -95,7 +95,8 @@ class Args:
 
     # SAC (CleanRL names)
     hidden_size: int = 128
-    """The width of the actor's and Q-networks' hidden layers (CleanRL: 256; 128 suffices and is 2.5x faster on CPU)."""
+    """The width of the actor's and Q-networks' hidden layers (CleanRL and MBPO: 256; 128 is 2.5x faster on CPU and
+    did better on HalfCheetah-v5 with MBPO's settings: mean of seeds 1-3 3,013 at 128, 1,704 at 256)."""
     gamma: float = 0.99
     """The discount factor gamma."""
     tau: float = 0.005
