@@ -22,6 +22,8 @@ from sac_imagined import Actor, policy_fn  # noqa: E402
 
 
 def gait(agent_path, episodes=5, first_seed=10_000):
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise SystemExit(f"hopper_gait.py: --episodes expected an integer >= 1, got {episodes!r}")
     if not os.path.isfile(agent_path):
         raise SystemExit(f"hopper_gait.py: expected the agent.pt a sac_imagined.py run wrote (runs/<run>/agent.pt), "
                          f"got {agent_path!r}: the file does not exist")

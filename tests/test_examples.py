@@ -375,3 +375,5 @@ def test_hopper_gait_reports_each_episode(tmp_path):
         gait(path)
     with pytest.raises(SystemExit, match="does not exist"):
         gait(str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit, match="--episodes expected an integer >= 1, got 0"):
+        gait(path, episodes=0)
