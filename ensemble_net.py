@@ -268,9 +268,7 @@ class EnsembleWorldModel(nn.Module):
             logvar = None if members is None or noise is None else logvar[members, rows]
         if members is not None and noise is not None:
             m = m + noise * torch.exp(0.5 * logvar)
-        y = torch.where(self.out_constant, self.out_mean, m * self.out_std + self.out_mean)
-        next_obs = torch.minimum(torch.maximum(obs + y[:, : self.obs_dim], self.obs_clip_low), self.obs_clip_high)
-        reward = y[:, -1].clamp(self.reward_clip[0], self.reward_clip[1])
+        next_obs, reward = self._decode(obs, m)
         if members is None:  # ensemble mean probability, back to a logit
             logit = torch.logit(torch.sigmoid(self.termination_logits(x, next_obs)).mean(0).clamp(1e-6, 1 - 1e-6))
         elif grouped:
@@ -278,6 +276,33 @@ class EnsembleWorldModel(nn.Module):
         else:
             logit = self.termination_logits(x, next_obs)[members, rows]
         return next_obs, reward, logit, spread
+
+    def predict_with_grad(self, obs, action, members, termination=True):
+        """`predict` with `members` and no noise, keeping the autograd graph from obs and action to next_obs and
+        reward: for learners that differentiate through imagined steps (svg_imagined.py). obs (B,obs_dim) and action
+        (B,act_dim) float tensors (Box actions), members (B,) long. Each row runs only its own member (the FLOPs of
+        one member: the backward pass costs as much again). Returns next_obs (B,obs_dim), reward (B,) and the
+        termination logit (B,), the logit without a graph: where an imagined episode ends is not differentiated
+        (termination=False: None, for a caller with its own termination rule)."""
+        if self.discrete:
+            raise ValueError("EnsembleWorldModel.predict_with_grad: a Discrete action has no gradient; it takes "
+                             f"Box actions, this model was fitted for {self.action_space}")
+        a = torch.maximum(torch.minimum(action.float(), self.act_high), self.act_low)  # the clip the real env does
+        x = self.model_input(obs.float(), a)
+        m, _ = _by_member(members, self._member_dynamics, x)
+        next_obs, reward = self._decode(obs.float(), m)
+        if not termination:
+            return next_obs, reward, None
+        with torch.no_grad():
+            logit = _by_member(members, self._member_termination, x.detach(), next_obs.detach())[0]
+        return next_obs, reward, logit
+
+    def _decode(self, obs, m):
+        """A member's normalised mean (or sample) m (B,out) -> next_obs (B,obs_dim), reward (B,), each clipped to
+        the range seen in the data (a clip passes gradients inside it)."""
+        y = torch.where(self.out_constant, self.out_mean, m * self.out_std + self.out_mean)
+        next_obs = torch.minimum(torch.maximum(obs + y[:, : self.obs_dim], self.obs_clip_low), self.obs_clip_high)
+        return next_obs, y[:, -1].clamp(self.reward_clip[0], self.reward_clip[1])
 
     def _member_dynamics(self, e, x):
         """Member e's forward on its rows (see `forward`): mean, logvar (n,out)."""

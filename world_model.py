@@ -10,6 +10,7 @@ Every script uses a world model through these members and nothing else (README: 
 | `imagined_vector_env(num_envs, *, seed, horizon, start, halt, gamma, output, autoreset_mode)` | the natively batched imagined env (a `WorldModelVectorEnv`); optional: without it the scripts step `imagined_env`s in a `SyncVectorEnv` / `AsyncVectorEnv` |
 | `imagined_env(*, seed, horizon, start, halt, gamma)` | one imagined env (a `WorldModelEnv`): SB3's checker, TorchRL's spec check, vector-env thunks |
 | `real_env(env)` | the real env seen through the model: a Gymnasium env whose observations are what the policy sees in imagination (identity for the ensemble; a latent model updates its belief from each real observation and the previous action, and starts over at each reset) |
+| `differentiable_step(obs, action)` | optional, for `svg_imagined.py` (value gradients through imagination): one imagined step on torch tensors, `next_obs`, `reward` keeping the autograd graph back to `obs` and `action`, and `terminated` (bool, no graph); the ensembles have it |
 | `save(path, extra=None)`, `load(path)` | a checkpoint written atomically; `load` returns the model (it may return a new object) |
 | `open_loop(data, episode, context, horizon, seed)`, `evaluate(data, seed)` | optional, for `train_world_model.py`'s report of a model that is not the ensemble: a decoded open-loop rollout of one real episode (dict of `real_obs`, `imagined_obs`, `real_reward`, `imagined_reward`) and accuracy figures on held-out data (`rssm.RSSMModel` has both) |
 

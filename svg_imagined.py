@@ -1,0 +1,382 @@
+# SAC whose actor and critics learn through short differentiable model rollouts (SAC-SVG(H) with MBPO's branched
+# rollouts: DHMBPO, "double horizon" model-based policy optimization), judged in the real environment (Box actions).
+#
+#   python svg_imagined.py                                   # Pendulum-v1
+#   python svg_imagined.py --env-id Hopper-v5 --world-model examples/known_termination.py:mbpo_ensemble \
+#       --total-timesteps 20000 --eval-every 2500 --eval-episodes 5
+#   python svg_imagined.py --eval-checkpoint runs/<run>/agent.pt             # replay a saved agent's final evaluation
+#
+# Loop (in the shape of sac_imagined.py, whose actor and critics it uses): SAC acts in the REAL env one step at a
+# time, into a real replay buffer; the world model is fitted on the first --initial-real-steps random steps and refit
+# every --refit-every. Two model horizons:
+# - distribution rollouts (long, detached): every --model-rollout-every real steps, --rollout-batch-size branches of
+#   --imagined-horizon model steps from real states; the states they visit fill a start-state buffer (MBPO's branched
+#   rollouts, kept only for where they lead: states a few steps beyond the real data);
+# - training rollouts (short, differentiated): each of the --utd-ratio updates per real step rolls --training-horizon
+#   model steps from a batch of start states, with the current actor's reparameterised actions, through the model's
+#   `differentiable_step`. The critics regress on the soft value expansion along it (MVE: the rewards and entropy
+#   bonuses of the steps, then the target critics at the horizon, a bootstrapped truncation); the actor ascends the
+#   same expansion, its gradient flowing through the model's steps (SVG(H)). A termination ends a row's sum.
+# Amos et al. 2021 (SAC-SVG(H)), Feinberg et al. 2018 (MVE), Janner et al. 2019 (MBPO), Kubo et al. (DHMBPO, arXiv
+# 2512.15439), whose released settings are the defaults here but the network widths (see --hidden-size).
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.optim as optim
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dyna  # noqa: E402
+import real_env  # noqa: E402
+import rl_utils as ru  # noqa: E402
+import sac_imagined as sac  # noqa: E402  (the same actor, critics, branched rollouts and checkpoints)
+import world_model  # noqa: E402
+
+TAG = "svg_imagined"
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """The name of this experiment (the run dir is runs/{env_id}__{exp_name}__{seed}__{time})."""
+    seed: int = 1
+    """The seed of the experiment; torch, numpy, the real env and the world model derive theirs from it."""
+    torch_deterministic: bool = True
+    """If toggled, `torch.backends.cudnn.deterministic=True`."""
+    cuda: bool = True
+    """If toggled, cuda is used when available (the run falls back to the CPU otherwise)."""
+    num_threads: int = 1
+    """The number of torch CPU threads."""
+
+    # Environment and world model
+    env_id: str = "Pendulum-v1"
+    """The id of the real Gymnasium environment (Box actions)."""
+    total_timesteps: int = 5000
+    """The real steps of the whole run, the --initial-real-steps random ones included (imagined ones come on top)."""
+    world_model: str = "ensemble"
+    """The world model, one whose steps can be differentiated (its `differentiable_step`, world_model.py):
+    `ensemble`, `mbpo-ensemble` (MBPO's 7 members of 4x200, the 5 best drawn), or your own as `path/to/file.py:attr`
+    or `package.module:attr` (examples/known_termination.py:mbpo_ensemble: with the env's known termination rule)."""
+    world_model_path: Optional[str] = None
+    """A world-model checkpoint to start from (train_world_model.py or an earlier run; None: fit one here)."""
+    initial_real_steps: int = 1000
+    """The real steps with uniform random actions before SAC acts and learns (the model's first fit's data)."""
+    refit_every: int = 250
+    """The world model is refit (warm, budgeted) on all real data after every this many new real steps."""
+    refit_passes: int = 200
+    """A refit's budget: the minibatch updates of this many passes over the new real data (early stopping on top)."""
+    model_rollout_every: int = 20
+    """A batch of distribution rollouts after every this many real steps (DHMBPO: 20)."""
+    rollout_batch_size: int = 256
+    """The distribution rollouts per batch, each from a real state of the replay buffer (DHMBPO: 256)."""
+    imagined_horizon: int = 20
+    """The length of each distribution rollout; the states it visits are the training rollouts' starts (DHMBPO: 20)."""
+    model_retain_rollouts: int = 10
+    """The start-state buffer keeps the states of this many rollout batches (DHMBPO: 10)."""
+    training_horizon: int = 5
+    """The model steps each update differentiates through: the actor's SVG(H) and the critics' MVE horizon
+    (DHMBPO: 5; 1 is SAC on one-step model branches with the actor's gradient through the model's step)."""
+    halt_threshold: float = 0.0
+    """The halt rule's disagreement multiple for the distribution rollouts (0, the default, turns it off)."""
+    utd_ratio: int = 1
+    """Gradient steps (each a training rollout, a critic and an actor update) per real step (DHMBPO: 1)."""
+
+    # SAC (CleanRL names)
+    num_critics: int = 5
+    """The critics of the ensemble (DHMBPO: 5); the actor ascends their mean at the horizon."""
+    min_of_critics: int = 2
+    """The targets take the minimum of this many critics drawn at random for each update (DHMBPO and REDQ: 2 of
+    the ensemble; with --num-critics 2 it is clipped double Q)."""
+    hidden_size: int = 128
+    """The width of the actor's and critics' two hidden layers (DHMBPO: a 3x256 actor and 2x512 critics, sized for a
+    GPU; sac_imagined.py's 128 here: five 256-wide critics made an update's critic step 3.3x slower on the CPU)."""
+    gamma: float = 0.99
+    """The discount factor gamma."""
+    tau: float = 0.005
+    """The target smoothing coefficient."""
+    batch_size: int = 256
+    """The training rollouts of each gradient step."""
+    policy_lr: float = 3e-4
+    """The learning rate of the policy network optimizer."""
+    q_lr: float = 3e-4
+    """The learning rate of the critics' optimizer (DHMBPO: the policy's)."""
+    alpha: float = 0.1
+    """The entropy regularization coefficient (its start value with --autotune; DHMBPO starts at 0.1)."""
+    autotune: bool = True
+    """If toggled, the entropy coefficient is tuned automatically towards --target-entropy."""
+    target_entropy: Optional[float] = None
+    """The policy entropy --autotune aims at (None: -act_dim)."""
+
+    # Evaluation in the real env
+    eval_every: int = 500
+    """Evaluate once this many real steps passed since SAC began learning or the last evaluation (0: the final only)."""
+    eval_episodes: int = 10
+    """The number of real episodes per evaluation; the final summary statistics are over this many episodes."""
+    target_return: Optional[float] = None
+    """The real return that counts as solved (None: the env's `reward_threshold`; none for Pendulum-v1)."""
+    early_stop: bool = True
+    """Stop (no more real data) once the mean real return of --stop-after-evals consecutive evaluations reached it."""
+    stop_after_evals: int = 1
+    """The consecutive evaluations (fresh episodes each) whose mean return must reach --target-return to stop early."""
+    eval_checkpoint: Optional[str] = None
+    """A saved agent (runs/<run>/agent.pt) whose final evaluation is replayed in the real env; nothing is trained."""
+    capture_video: bool = False
+    """Record the final evaluation's real episodes, and one dream-vs-real video, under runs/<run>/videos/."""
+
+
+def training_rollout(model, actor, start_obs, horizon):
+    """`horizon` model steps from start_obs (B,d) with the actor's reparameterised actions, the autograd graph kept
+    through actions and model steps. Returns obs (H+1,B,d), actions (H+1,B,a), log_probs (H+1,B), rewards (H,B) and
+    alive (H+1,B) float: 1 where no termination came before that state (a state after one is not real)."""
+    obs, actions, log_probs, rewards, alive = [start_obs], [], [], [], [start_obs.new_ones(len(start_obs))]
+    for _ in range(horizon):
+        action, log_prob, _ = actor.get_action(obs[-1])
+        next_obs, reward, terminated = model.differentiable_step(obs[-1], action)
+        actions.append(action), log_probs.append(log_prob), rewards.append(reward), obs.append(next_obs)
+        alive.append(alive[-1] * (~terminated).float())
+    action, log_prob, _ = actor.get_action(obs[-1])  # the horizon's action, for the critics' bootstrap
+    actions.append(action), log_probs.append(log_prob)
+    return tuple(torch.stack(x) for x in (obs, actions, log_probs, rewards, alive))
+
+
+def soft_value_expansion(rewards, log_probs, alive, terminal_q, alpha, gamma):
+    """The soft H-step value expansion along a rollout. rewards (H,B), log_probs and alive (H+1,B), terminal_q (B,)
+    the critics' Q(s_H, a_H). V_H = alive_H (Q(s_H,a_H) - alpha log pi_H), V_t = alive_t (r_t - alpha log pi_t +
+    gamma V_{t+1}): the value the actor ascends is V_0. The critics' targets are Q_t = alive_t (r_t + gamma V_{t+1})
+    for t < H (a_t's own entropy bonus is not Q's). The horizon bootstraps (a truncation), a termination does not.
+    Returns V_0 (B,) and the targets (H,B)."""
+    values = alive[-1] * (terminal_q - alpha * log_probs[-1])
+    targets = []
+    for t in reversed(range(len(rewards))):
+        targets.append(alive[t] * (rewards[t] + gamma * values))
+        values = targets[-1] - alive[t] * alpha * log_probs[t]
+    return values, torch.stack(targets[::-1])
+
+
+def evaluate_checkpoint(path):
+    """Rebuilds a saved actor (and its run's world model) and replays its run's final evaluation."""
+    payload = ru.load_agent(path)
+    model = dyna.agent_world_model(payload, path)
+    _, act_space, _ = ru.real_env_spaces(payload["args"]["env_id"], f"{TAG}.py", actions=("Box",))
+    actor = sac.Actor(model.observation_space.shape[0], act_space, payload["args"]["hidden_size"])
+    actor.load_state_dict(payload["state_dicts"]["actor"])
+    return dyna.replay_final_evaluation(TAG, path, sac.policy_fn(actor, "cpu", True), model)
+
+
+def check_args(args):
+    """Every bad flag stops here with one line, before a run dir exists; returns what __main__ starts from."""
+    _, act_space, reward_threshold = ru.real_env_spaces(args.env_id, f"{TAG}.py", actions=("Box",))
+    if args.world_model == world_model.NO_MODEL:
+        raise ru.ArgError("--world-model", "a world model to differentiate through", args.world_model,
+                          "For model-free SAC run `python sac_imagined.py --world-model none`.")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    model = dyna.model_from_args(args, device)
+    lacks = [name for name in ("differentiable_step", "imagined_vector_env")
+             if not callable(getattr(model, name, None))]
+    if lacks:
+        raise ru.ArgError("--world-model", "a model with differentiable_step and imagined_vector_env (the ensembles; "
+                          "world_model.py)", args.world_model, f"{type(model).__name__} lacks {', '.join(lacks)}. "
+                          "sac_imagined.py trains on any model's imagined envs.")
+    ru.check_positive(args, "total_timesteps", "initial_real_steps", "refit_every", "refit_passes",
+                      "model_rollout_every", "rollout_batch_size", "imagined_horizon", "model_retain_rollouts",
+                      "training_horizon", "utd_ratio", "num_critics", "min_of_critics", "hidden_size", "batch_size",
+                      "eval_episodes", "num_threads", "stop_after_evals")
+    if args.min_of_critics > args.num_critics:
+        raise ru.ArgError("--min-of-critics", f"at most --num-critics ({args.num_critics})", args.min_of_critics)
+    if not 0.0 <= args.gamma <= 1.0:
+        raise ru.ArgError("--gamma", "a value in [0, 1]", args.gamma)
+    for name in ("halt_threshold", "eval_every"):
+        if not getattr(args, name) >= 0:
+            raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))
+    if args.target_entropy is not None and not args.autotune:
+        raise ru.ArgError("--target-entropy", "no value with --no-autotune (the entropy coefficient is fixed at "
+                          f"--alpha {args.alpha})", args.target_entropy, "Drop one of the two flags.")
+    if getattr(model, "learns", True) and args.world_model_path is None and \
+            args.total_timesteps <= args.initial_real_steps:
+        raise ru.ArgError("--total-timesteps", f"more than --initial-real-steps ({args.initial_real_steps})",
+                          args.total_timesteps, "The first ones are random steps for the world model.")
+    obs_space = ru.check_policy_observations(model.observation_space, f"{TAG}.py", args.env_id, args.world_model)
+    print(f"[{TAG}] {args.total_timesteps * args.utd_ratio:,} updates through {args.training_horizon}-step model "
+          "rollouts: minutes on a CPU", flush=True)
+    return device, model, obs_space, act_space, reward_threshold
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.eval_checkpoint is not None:
+        evaluate_checkpoint(args.eval_checkpoint)
+        sys.exit(0)
+
+    device, model, obs_space, act_space, reward_threshold = check_args(args)
+    learns = getattr(model, "learns", True)
+    ru.seed_everything(args.seed, args.num_threads, args.torch_deterministic)
+
+    run = ru.Run(args, TAG)
+    nets, log = {}, {}  # what the run saves: the agent once it exists; the raw real data the model is saved with
+    run.checkpoint = lambda: sac.save_checkpoints(run, args, model, nets, log)
+    with run:
+        data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print(f"[{TAG}]", s))
+        figures, timings, writer = run.figures, run.timings, run.writer
+        obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
+        actor = nets["actor"] = sac.Actor(obs_dim, act_space, args.hidden_size).to(device)
+        qf = nets["qf"] = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics).to(device)
+        qf_target = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics).to(device)
+        qf_target.load_state_dict(qf.state_dict())
+        q_params, q_target_params = list(qf.parameters()), list(qf_target.parameters())
+        actor_params = list(actor.parameters())
+        q_optimizer = optim.Adam(q_params, lr=args.q_lr, fused=True)
+        actor_optimizer = optim.Adam(actor_params, lr=args.policy_lr, fused=True)
+        log_alpha = torch.full((1,), float(np.log(args.alpha)), requires_grad=args.autotune, device=device)
+        alpha = args.alpha
+        if args.autotune:
+            target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
+            alpha_optimizer = optim.Adam([log_alpha], lr=args.q_lr)
+
+        # the real replay (what the policy sees) and the model's `log` of raw real data, as in sac_imagined.py
+        shared = data is not None and getattr(type(model), "real_env", None) is world_model.WorldModel.real_env
+        rb = ru.ReplayBuffer((len(data) if shared else 0) + args.total_timesteps, obs_dim, act_space.shape, np.float32,
+                             seed=args.seed)
+        if shared:
+            rb.add(data.obs, data.actions, data.rewards, data.next_obs, data.terminated)
+        log.update({k: list(getattr(data, k)) if data is not None else []
+                    for k in (*real_env.TransitionBuffer.FIELDS, "start_obs")})
+        episode_id = int(data.episode_ids.max()) + 1 if data is not None and len(data) else 0
+        # the distribution rollouts' visited states (their transitions' obs: the real start and the imagined ones)
+        start_rb = ru.ReplayBuffer(args.rollout_batch_size * args.imagined_horizon * args.model_retain_rollouts,
+                                   obs_dim, act_space.shape, np.float32, seed=args.seed + 1)
+        imagined_envs = dyna.imagined_vector_env(model, "batched", args.rollout_batch_size, args.seed, device, None,
+                                                 horizon=args.imagined_horizon, start="buffer",
+                                                 halt=args.halt_threshold, gamma=args.gamma)
+        explore, greedy = sac.policy_fn(actor, device, False), sac.policy_fn(actor, device, True)
+        target = args.target_return if args.target_return is not None else reward_threshold
+        evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target, model)
+        train_rng = np.random.default_rng(args.seed + 2)
+
+        env, raw = real_env.seen_through(model, ru.real_env_thunk(args.env_id, args.seed)())
+        obs, _ = env.reset(seed=args.seed)
+        log["start_obs"].append(raw.last_obs)
+        collected = figures["real_env_steps"] if args.world_model_path is None else 0
+        episodic_return, episodic_length, since_refit, since_rollout, num_updates = 0.0, 0, 0, 0, 0
+        timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
+        global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
+        drawn_after = None
+        loop_start, loop_steps = time.time(), args.total_timesteps - collected
+        for step in range(loop_steps):
+            t0 = time.time()
+            random_phase = rb.size < args.initial_real_steps
+            action = env.action_space.sample() if random_phase else explore(obs[None])[0]
+            raw_obs = raw.last_obs
+            env_action = real_env.clip_action(action, env.action_space)
+            next_obs, reward, terminated, truncated, info = env.step(env_action)
+            rb.add(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]))
+            for key, value in zip(log, (raw_obs, env_action, reward, raw.last_obs, terminated, truncated, episode_id)):
+                log[key].append(value)
+            global_step = figures["global_step"] = figures["real_env_steps"] = global_step + 1
+            since_refit, since_rollout = since_refit + 1, since_rollout + 1
+            episodic_return, episodic_length = episodic_return + float(reward), episodic_length + 1
+            if terminated or truncated:
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+                episodic_return, episodic_length = 0.0, 0
+                obs, _ = env.reset()
+                log["start_obs"].append(raw.last_obs)
+                episode_id += 1
+            else:
+                obs = next_obs
+            timings["real_collect_seconds"] += time.time() - t0
+            if rb.size < args.initial_real_steps:
+                continue
+
+            if learns and since_refit >= args.refit_every:  # a warm refit on all real data, its budget the new data
+                run.add_dyna_round(dyna.refit(model, sac.transitions(log, args.env_id), since_refit,
+                                              seed=args.seed + global_step, refit_passes=args.refit_passes,
+                                              writer=writer, global_step=global_step, draw=drawn_after != last_eval))
+                since_refit, drawn_after = 0, last_eval
+            if start_rb.size == 0 or since_rollout >= args.model_rollout_every:  # distribution rollouts, detached
+                t0 = time.time()
+                starts = rb.obs[rb.rng.integers(0, rb.size, size=args.rollout_batch_size)]
+                imagined = sac.branched_rollouts(imagined_envs, explore, starts, args.seed * 1_000_003 + global_step,
+                                                 args.imagined_horizon)
+                start_rb.add(*imagined.values())
+                figures["imagined_steps"] += len(imagined["obs"])
+                figures["rollout_batches"] += 1
+                since_rollout = 0
+                timings["rollout_seconds"] += time.time() - t0
+                writer.add_scalar("world_model/rollout_transitions", len(imagined["obs"]), global_step)
+                writer.add_scalar("world_model/rollout_terminated_fraction", imagined["terminated"].mean(), global_step)
+
+            t0 = time.time()
+            for _ in range(args.utd_ratio):
+                num_updates += 1
+                start_obs = start_rb.sample(args.batch_size, device)[0]
+                b_obs, b_actions, log_probs, rewards, alive = training_rollout(model, actor, start_obs,
+                                                                               args.training_horizon)
+                h, b = rewards.shape
+                figures["imagined_steps"] += h * b
+                # critics: regress Q(s_t, a_t) on the soft value expansion, with a random subset's min at the horizon
+                with torch.no_grad():
+                    subset = torch.as_tensor(train_rng.choice(args.num_critics, args.min_of_critics, replace=False))
+                    q_end = qf_target(b_obs[-1], b_actions[-1])[subset].min(0).values
+                    _, q_targets = soft_value_expansion(rewards, log_probs, alive, q_end, alpha, args.gamma)
+                q_pred = qf(b_obs[:-1].detach().reshape(h * b, -1), b_actions[:-1].detach().reshape(h * b, -1))
+                q_errors = (q_pred.view(-1, h, b) - q_targets).pow(2) * alive[:-1]  # no loss on states after an end
+                qf_loss = q_errors.mean((1, 2)).sum()
+                q_optimizer.zero_grad()
+                qf_loss.backward()
+                q_optimizer.step()
+                with torch.no_grad():
+                    torch._foreach_lerp_(q_target_params, q_params, args.tau)
+
+                # actor: ascend V_0 of the same rollout, through its actions and model steps, the critics' mean at H
+                q_end = qf(b_obs[-1], b_actions[-1]).mean(0)
+                v0, _ = soft_value_expansion(rewards, log_probs, alive, q_end, alpha, args.gamma)
+                actor_loss = -v0.mean()
+                # autograd.grad asks for the actor's gradients only: none is computed for the critics' or the
+                # model's weights, which the loss passes through
+                for p, g in zip(actor_params, torch.autograd.grad(actor_loss, actor_params)):
+                    p.grad = g
+                actor_optimizer.step()
+                if args.autotune:  # the entropy of the rollout's first actions
+                    alpha_loss = (-log_alpha.exp() * (log_probs[0].detach() + target_entropy)).mean()
+                    alpha_optimizer.zero_grad()
+                    alpha_loss.backward()
+                    alpha_optimizer.step()
+                    alpha = log_alpha.exp().item()
+            figures["updates"] = num_updates
+            timings["train_seconds"] += time.time() - t0
+
+            sps = int((step + 1) / (time.time() - loop_start))
+            if step % 100 == 0:
+                for tag, value in {"losses/qf_loss": qf_loss.item() / args.num_critics,
+                                   "losses/qf_values": q_pred.mean().item(), "losses/actor_loss": actor_loss.item(),
+                                   "losses/alpha": alpha, "losses/rollout_alive": alive[-1].mean().item(),
+                                   **({"losses/alpha_loss": alpha_loss.item()} if args.autotune else {}),
+                                   "charts/SPS": sps, "charts/real_env_steps": global_step}.items():
+                    writer.add_scalar(tag, value, global_step)
+
+            if ru.eval_due(args.eval_every, global_step, last_eval) and step + 1 < loop_steps:
+                last_eval = global_step
+                entry = evaluator(greedy, global_step, global_step)
+                print(f"[{TAG}] step {collected + step + 1}/{args.total_timesteps} real_return "
+                      f"{ru.fmt(entry['real_return_mean'])} imagined_return {ru.fmt(entry.get('imagined_return_mean'))}"
+                      f" gap {ru.fmt(evaluator.last_gap)} real_steps {global_step} updates {num_updates} "
+                      f"alpha {alpha:.3f} SPS {sps} left {int((loop_steps - step - 1) / max(sps, 1))}s", flush=True)
+                if args.early_stop and evaluator.solved(args.stop_after_evals):
+                    print(f"[{TAG}] the mean return of {args.stop_after_evals} consecutive evaluations reached "
+                          f"{target}: stopping", flush=True)
+                    break
+        env.close()
+        imagined_envs.close()
+
+        final = evaluator(greedy, global_step, global_step, final=True)
+        if args.capture_video:
+            import visualize
+
+            visualize.capture_videos(greedy, args.env_id, evaluator.episode_seed(0), run.dir, args.eval_episodes, model)
+        run.finish(final, gap_remedy="Refit the model harder (raise --refit-passes, lower --refit-every) or shorten "
+                   "--training-horizon.")

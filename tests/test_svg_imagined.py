@@ -1,0 +1,131 @@
+"""Tests for svg_imagined.py: the soft value expansion on a crafted rollout (the horizon bootstraps, a termination
+ends the sum), the ensemble's differentiable step (the same figures as `predict`, gradients reaching the action),
+training rollouts' masks after a termination, a tiny end-to-end run with --eval-checkpoint reproducing it, and bad
+input that stops with one line and leaves no run dir."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import gymnasium as gym
+import pytest
+import torch
+
+import ensemble
+import real_env
+import sac_imagined as sac
+import svg_imagined as svg
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "svg_imagined.py")
+TINY = ["--total-timesteps", "300", "--initial-real-steps", "250", "--batch-size", "16", "--hidden-size", "16",
+        "--rollout-batch-size", "8", "--imagined-horizon", "3", "--model-rollout-every", "20",
+        "--training-horizon", "2", "--refit-every", "40", "--eval-every", "25", "--eval-episodes", "1"]
+
+
+def test_soft_value_expansion_bootstraps_the_horizon_and_stops_at_a_termination():
+    gamma, alpha = 0.5, 0.1
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 2.0]])  # (H=2, B=2)
+    log_probs = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-3.0, -3.0]])
+    alive = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])  # row 1 terminates on its second step
+    terminal_q = torch.tensor([10.0, 10.0])
+    v0, targets = svg.soft_value_expansion(rewards, log_probs, alive, terminal_q, alpha, gamma)
+    v2 = 10.0 + 0.3  # Q(s_2, a_2) - alpha log pi_2
+    q1 = 2.0 + gamma * v2
+    v1 = q1 + 0.2
+    q0 = 1.0 + gamma * v1
+    torch.testing.assert_close(targets[:, 0], torch.tensor([q0, q1]))
+    torch.testing.assert_close(v0[0], torch.tensor(q0 + 0.1))
+    # the terminated row: its last reward counts, nothing after it (no bootstrap, no entropy bonus)
+    torch.testing.assert_close(targets[:, 1], torch.tensor([1.0 + gamma * (2.0 + 0.2), 2.0]))
+    torch.testing.assert_close(v0[1], torch.tensor(1.0 + gamma * (2.0 + 0.2) + 0.1))
+
+
+@pytest.fixture(scope="module")
+def pendulum_model():
+    torch.set_num_threads(1)
+    model = ensemble.EnsembleModel("Pendulum-v1", seed=0)
+    model.fit(real_env.collect_transitions("Pendulum-v1", 300, seed=0), seed=0, refit_passes=2)
+    return model
+
+
+@pytest.mark.parametrize("rows", [8, 300])  # below and above the row count where predict groups rows by member
+def test_differentiable_step_is_predict_with_a_graph(pendulum_model, rows):
+    net = pendulum_model.net
+    data = pendulum_model.data
+    obs = torch.as_tensor(data.obs[:rows], dtype=torch.float32).requires_grad_(True)
+    action = torch.as_tensor(data.actions[:rows], dtype=torch.float32).requires_grad_(True)
+    members = torch.arange(rows) % net.ensemble_size
+    next_obs, reward, logit = net.predict_with_grad(obs, action, members)
+    expected = net.predict(obs.detach(), action.detach(), members=members)
+    for got, want in zip((next_obs, reward, logit), expected):
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+    assert next_obs.requires_grad and reward.requires_grad and not logit.requires_grad
+    grad_action, grad_obs = torch.autograd.grad(reward.sum() + next_obs.sum(), (action, obs))
+    assert grad_action.abs().sum() > 0 and grad_obs.abs().sum() > 0
+    # the interface's step draws the members itself and returns a bool termination
+    torch.manual_seed(0)
+    stepped = pendulum_model.differentiable_step(obs.detach(), action.detach())
+    assert stepped[0].shape == obs.shape and stepped[2].dtype == torch.bool
+
+
+class _FallingModel:
+    """A torch simulator: obs moves by the action, reward 1 a step, termination once obs[0] > 0.5."""
+
+    def differentiable_step(self, obs, action):
+        next_obs = obs + action
+        return next_obs, torch.ones(len(obs)) + 0.0 * action.sum(1), next_obs[:, 0] > 0.5
+
+
+def test_training_rollout_keeps_the_graph_and_masks_what_follows_a_termination():
+    torch.manual_seed(0)
+    actor = sac.Actor(1, gym.spaces.Box(0.3, 0.31, (1,)), hidden_size=8)  # every action ~0.3: ends on the 2nd step
+    start = torch.zeros(4, 1)
+    obs, actions, log_probs, rewards, alive = svg.training_rollout(_FallingModel(), actor, start, horizon=3)
+    assert obs.shape == (4, 4, 1) and actions.shape == (4, 4, 1) and rewards.shape == (3, 4)
+    torch.testing.assert_close(alive, torch.tensor([[1.0] * 4, [1.0] * 4, [0.0] * 4, [0.0] * 4]))
+    q_end = torch.zeros(4)
+    v0, _ = svg.soft_value_expansion(rewards, log_probs, alive, q_end, 0.0, 1.0)
+    torch.testing.assert_close(v0, torch.full((4,), 2.0))  # two rewards, then nothing
+    grads = torch.autograd.grad(obs[-1].sum(), list(actor.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the states depend on the actor's actions
+
+
+def _run(tmp_path, monkeypatch, flags):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *flags])
+    scope = runpy.run_path(SCRIPT, run_name="__main__")
+    (summary,) = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/summary.json")]
+    return scope, summary
+
+
+def test_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
+    scope, summary = _run(tmp_path, monkeypatch, TINY)
+    assert summary["algo"] == "svg_imagined" and summary["status"] == "finished"
+    assert summary["real_env_steps"] == 300 and summary["updates"] == 50 and summary["refits"] == 1
+    assert summary["rollout_batches"] == 3 and summary["imagined_steps"] >= 50 * 2 * 16
+    assert len(summary["eval_history"]) == 1 and summary["imagined_minus_real"] is not None
+    assert os.path.isfile(summary["world_model_path"]) and os.path.isfile(summary["agent_path"])
+    assert scope["start_rb"].size > 0 and scope["qf"](torch.zeros(1, 3), torch.zeros(1, 1)).shape == (5, 1)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--eval-checkpoint", summary["agent_path"]])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert exit_info.value.code == 0
+    assert f"real return {summary['real_return_mean']:.1f} " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--env-id", "CartPole-v1"], "ppo_imagined.py or dqn_imagined.py"),
+    (["--world-model", "none"], "sac_imagined.py --world-model none"),
+    (["--world-model", "rssm"], "RSSMModel lacks differentiable_step"),
+    (["--min-of-critics", "6"], "--min-of-critics"),
+    (["--training-horizon", "0"], "--training-horizon"),
+])
+def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
+    result = subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()
