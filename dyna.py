@@ -181,6 +181,59 @@ def dyna_round(model, data, env_id, policy, num_steps, seed, refit_passes=20, wr
     return data, {"new_real_steps": len(new), "collect_seconds": collect_seconds, **metrics}
 
 
+class RealSteps:
+    """The real side of the off-policy scripts (sac_imagined.py, svg_imagined.py): one real step at a time through
+    the model's view of the real env, into two views of the real data. `rb`, the replay, keeps what the policy sees
+    (its actor and critics learn on it); `log` (field -> rows, filled in place: the caller's checkpoint reads it)
+    keeps what the model learns from: the raw observations, the action the env received, truncations, episode ids
+    and reset observations. Where the policy sees the raw observations (the base class's identity view, as the
+    ensemble's), the model's first `data` fills the replay too; else the learner starts with random steps of its own.
+    `obs` is the policy's current observation."""
+
+    def __init__(self, model, data, args, obs_dim, action_shape, log, writer):
+        shared = data is not None and getattr(type(model), "real_env", None) is world_model.WorldModel.real_env
+        self.rb = ru.ReplayBuffer((len(data) if shared else 0) + args.total_timesteps, obs_dim, action_shape,
+                                  np.float32, seed=args.seed)
+        if shared:
+            self.rb.add(data.obs, data.actions, data.rewards, data.next_obs, data.terminated)
+        log.update({k: list(getattr(data, k)) if data is not None else []
+                    for k in (*real_env.TransitionBuffer.FIELDS, "start_obs")})
+        self.log, self.writer, self.random_steps = log, writer, args.initial_real_steps
+        self.episode_id = int(data.episode_ids.max()) + 1 if data is not None and len(data) else 0
+        self.env, self.raw = real_env.seen_through(model, ru.real_env_thunk(args.env_id, args.seed)())
+        self.obs, _ = self.env.reset(seed=args.seed)
+        log["start_obs"].append(self.raw.last_obs)
+        self.episodic_return, self.episodic_length = 0.0, 0
+
+    def step(self, policy, global_step):
+        """One real step: uniform random actions (from the space the thunk seeded) until the replay holds
+        --initial-real-steps rows, then policy(obs batch of one)[0]. The replay keeps the action as sampled, the
+        env and the model's log get it clipped to the bounds. An episode's end writes charts/episodic_return at
+        `global_step` (this step's) and resets; the stored next_obs is the true final observation."""
+        env, raw, log = self.env, self.raw, self.log
+        action = env.action_space.sample() if self.rb.size < self.random_steps else policy(self.obs[None])[0]
+        raw_obs = raw.last_obs
+        env_action = real_env.clip_action(action, env.action_space)
+        next_obs, reward, terminated, truncated, _ = env.step(env_action)
+        self.rb.add(self.obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]))
+        for key, value in zip(log, (raw_obs, env_action, reward, raw.last_obs, terminated, truncated,
+                                    self.episode_id)):
+            log[key].append(value)
+        self.episodic_return, self.episodic_length = self.episodic_return + float(reward), self.episodic_length + 1
+        if terminated or truncated:
+            self.writer.add_scalar("charts/episodic_return", self.episodic_return, global_step)
+            self.writer.add_scalar("charts/episodic_length", self.episodic_length, global_step)
+            self.episodic_return, self.episodic_length = 0.0, 0
+            self.obs, _ = env.reset()
+            log["start_obs"].append(raw.last_obs)
+            self.episode_id += 1
+        else:
+            self.obs = next_obs
+
+    def close(self):
+        self.env.close()
+
+
 def evaluate_in_imagination(act_fn, model, num_episodes, seed, horizon=None):
     """The same policy in the world model (no halt), one episode per row from real start states over `horizon`
     (default: the real time limit). Set against the real return it shows how much the policy exploits model

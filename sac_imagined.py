@@ -352,18 +352,10 @@ if __name__ == "__main__":
         else:
             alpha = args.alpha
 
-        # The real data in two views: SAC's replay keeps what the policy sees (its actor and critics learn on it),
-        # the model's `log` the raw real observations, with what a model also needs (time-limit truncations, episode
-        # ids, reset observations). Where the policy sees the raw observations (the base class's identity view, as
-        # the ensemble's), the model's random data fills SAC's replay too; else SAC starts with random steps of its own.
-        shared = data is not None and getattr(type(model), "real_env", None) is world_model.WorldModel.real_env
-        rb = ru.ReplayBuffer((len(data) if shared else 0) + args.total_timesteps, obs_dim, act_space.shape, np.float32,
-                             seed=args.seed)
-        if shared:
-            rb.add(data.obs, data.actions, data.rewards, data.next_obs, data.terminated)
-        log.update({k: list(getattr(data, k)) if data is not None else []
-                    for k in (*real_env.TransitionBuffer.FIELDS, "start_obs")})
-        episode_id = int(data.episode_ids.max()) + 1 if data is not None and len(data) else 0
+        # the real env seen through the model, and the real data in two views: SAC's replay `rb` keeps what the
+        # policy sees, the model's `log` the raw real observations with what a model also needs (dyna.RealSteps)
+        real = dyna.RealSteps(model, data, args, obs_dim, act_space.shape, log, writer)
+        rb = real.rb
 
         # without the halt rule no branch needs the members' disagreement: a model that can skip it (the ensemble
         # then runs each row's own member only: MBPO's 7-member network spent 391 of 3,345 s in rollouts with it)
@@ -386,37 +378,17 @@ if __name__ == "__main__":
         evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target, model)
 
         # the loop: one real step, then model refits / rollouts when due, then utd_ratio SAC updates
-        env, raw = real_env.seen_through(model, ru.real_env_thunk(args.env_id, args.seed)())
-        obs, _ = env.reset(seed=args.seed)
-        log["start_obs"].append(raw.last_obs)
         collected = figures["real_env_steps"] if fits_here else 0  # this run's real steps so far
-        episodic_return, episodic_length, since_refit, since_rollout, num_updates = 0.0, 0, 0, 0, 0
+        since_refit, since_rollout, num_updates = 0, 0, 0
         timings["rollout_seconds"], figures["sac_updates"], figures["rollout_batches"] = 0.0, 0, 0
         global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
         drawn_after = None  # the evaluation (its step) after which the last open-loop picture was drawn
         loop_start, loop_steps = time.time(), args.total_timesteps - collected
         for step in range(loop_steps):
             t0 = time.time()
-            random_phase = rb.size < args.initial_real_steps  # random actions from the space the thunk seeded
-            action = env.action_space.sample() if random_phase else explore(obs[None])[0]
-            raw_obs = raw.last_obs
-            env_action = real_env.clip_action(action, env.action_space)
-            next_obs, reward, terminated, truncated, info = env.step(env_action)
-            rb.add(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]))
-            for key, value in zip(log, (raw_obs, env_action, reward, raw.last_obs, terminated, truncated, episode_id)):
-                log[key].append(value)  # the model learns from the action the env received
             global_step = figures["global_step"] = figures["real_env_steps"] = global_step + 1
+            real.step(explore, global_step)  # random actions until the replay holds --initial-real-steps
             since_refit, since_rollout = since_refit + 1, since_rollout + 1
-            episodic_return, episodic_length = episodic_return + float(reward), episodic_length + 1
-            if terminated or truncated:  # the stored next_obs is the true final obs; a new episode starts
-                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
-                episodic_return, episodic_length = 0.0, 0
-                obs, _ = env.reset()
-                log["start_obs"].append(raw.last_obs)
-                episode_id += 1
-            else:
-                obs = next_obs
             timings["real_collect_seconds"] += time.time() - t0
             if rb.size < args.initial_real_steps:
                 continue
@@ -517,7 +489,7 @@ if __name__ == "__main__":
                     print(f"[{TAG}] the mean return of {args.stop_after_evals} consecutive evaluations reached "
                           f"{target}: stopping", flush=True)
                     break
-        env.close()
+        real.close()
         if model is not None:
             imagined_envs.close()
 

@@ -32,7 +32,6 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dyna  # noqa: E402
-import real_env  # noqa: E402
 import rl_utils as ru  # noqa: E402
 import sac_imagined as sac  # noqa: E402  (the same actor, critics, branched rollouts and checkpoints)
 import world_model  # noqa: E402
@@ -237,15 +236,9 @@ if __name__ == "__main__":
             target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
             alpha_optimizer = optim.Adam([log_alpha], lr=args.q_lr)
 
-        # the real replay (what the policy sees) and the model's `log` of raw real data, as in sac_imagined.py
-        shared = data is not None and getattr(type(model), "real_env", None) is world_model.WorldModel.real_env
-        rb = ru.ReplayBuffer((len(data) if shared else 0) + args.total_timesteps, obs_dim, act_space.shape, np.float32,
-                             seed=args.seed)
-        if shared:
-            rb.add(data.obs, data.actions, data.rewards, data.next_obs, data.terminated)
-        log.update({k: list(getattr(data, k)) if data is not None else []
-                    for k in (*real_env.TransitionBuffer.FIELDS, "start_obs")})
-        episode_id = int(data.episode_ids.max()) + 1 if data is not None and len(data) else 0
+        # the real env seen through the model, the replay `rb` of what the policy sees, the model's `log` of raw data
+        real = dyna.RealSteps(model, data, args, obs_dim, act_space.shape, log, writer)
+        rb = real.rb
         # the distribution rollouts' visited states (their transitions' obs: the real start and the imagined ones)
         start_rb = ru.ReplayBuffer(args.rollout_batch_size * args.imagined_horizon * args.model_retain_rollouts,
                                    obs_dim, act_space.shape, np.float32, seed=args.seed + 1)
@@ -257,37 +250,17 @@ if __name__ == "__main__":
         evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target, model)
         train_rng = np.random.default_rng(args.seed + 2)
 
-        env, raw = real_env.seen_through(model, ru.real_env_thunk(args.env_id, args.seed)())
-        obs, _ = env.reset(seed=args.seed)
-        log["start_obs"].append(raw.last_obs)
         collected = figures["real_env_steps"] if args.world_model_path is None else 0
-        episodic_return, episodic_length, since_refit, since_rollout, num_updates = 0.0, 0, 0, 0, 0
+        since_refit, since_rollout, num_updates = 0, 0, 0
         timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
         global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
         drawn_after = None
         loop_start, loop_steps = time.time(), args.total_timesteps - collected
         for step in range(loop_steps):
             t0 = time.time()
-            random_phase = rb.size < args.initial_real_steps
-            action = env.action_space.sample() if random_phase else explore(obs[None])[0]
-            raw_obs = raw.last_obs
-            env_action = real_env.clip_action(action, env.action_space)
-            next_obs, reward, terminated, truncated, info = env.step(env_action)
-            rb.add(obs[None], action[None], np.array([reward]), next_obs[None], np.array([terminated]))
-            for key, value in zip(log, (raw_obs, env_action, reward, raw.last_obs, terminated, truncated, episode_id)):
-                log[key].append(value)
             global_step = figures["global_step"] = figures["real_env_steps"] = global_step + 1
+            real.step(explore, global_step)  # random actions until the replay holds --initial-real-steps
             since_refit, since_rollout = since_refit + 1, since_rollout + 1
-            episodic_return, episodic_length = episodic_return + float(reward), episodic_length + 1
-            if terminated or truncated:
-                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
-                episodic_return, episodic_length = 0.0, 0
-                obs, _ = env.reset()
-                log["start_obs"].append(raw.last_obs)
-                episode_id += 1
-            else:
-                obs = next_obs
             timings["real_collect_seconds"] += time.time() - t0
             if rb.size < args.initial_real_steps:
                 continue
@@ -370,7 +343,7 @@ if __name__ == "__main__":
                     print(f"[{TAG}] the mean return of {args.stop_after_evals} consecutive evaluations reached "
                           f"{target}: stopping", flush=True)
                     break
-        env.close()
+        real.close()
         imagined_envs.close()
 
         final = evaluator(greedy, global_step, global_step, final=True)
