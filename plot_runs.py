@@ -186,6 +186,7 @@ def curves_figure(summaries, spread="minmax", log_x=True, published=True):
     ncols = min(3, len(env_ids))
     nrows = int(np.ceil(len(env_ids) / ncols))
     fig = vis.new_figure(PANEL_WIDTH * ncols, 4.6 * nrows + 0.4)
+    legend_rows = 0  # the most text lines a panel's legend column holds: the figure grows with it
     for k, env_id in enumerate(env_ids):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         runs = [s for s in summaries if s["env_id"] == env_id]
@@ -243,8 +244,12 @@ def curves_figure(summaries, spread="minmax", log_x=True, published=True):
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))  # the stopped-early marker once
         labels = [vis.wrap_to_width(label, 7, PANEL_WIDTH - 0.6) for label in unique]  # a long --world-model spec
-        ax.legend(unique.values(), labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
-                  ncol=min(2, vis.legend_columns(labels, PANEL_WIDTH - 0.2, fontsize=7)), frameon=False)
+        ncol = min(2, vis.legend_columns(labels, PANEL_WIDTH - 0.2, fontsize=7))
+        ax.legend(unique.values(), labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol,
+                  frameon=False)
+        legend_rows = max(legend_rows, -(-sum(label.count("\n") + 1 for label in labels) // ncol))
+    # each row of panels: 3 in of axes and labels, then its legend at about 0.16 in a line of 7-point text
+    fig.set_size_inches(PANEL_WIDTH * ncols, nrows * max(4.6, 3.2 + 0.16 * legend_rows) + 0.4)
     band = "min..max" if spread == "minmax" else "mean +- std"
     fig.suptitle(f"Real return against real transitions\nmean over seeds, band = {band}, marker = final evaluation",
                  fontsize=9)
