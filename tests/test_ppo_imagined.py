@@ -273,9 +273,11 @@ def test_ctrl_c_keeps_the_run(tmp_path):
     import subprocess
     import time
 
+    # the child gets SIGINT's default disposition, as from a terminal: a child of a process that ignores SIGINT (a
+    # pytest-xdist worker can) inherits SIG_IGN, and Python then never raises KeyboardInterrupt (CI saw that once)
     proc = subprocess.Popen([sys.executable, "-u", SCRIPT, "--total-timesteps", "10000000", "--initial-real-steps",
                              "300", "--eval-every", "0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:  # wait until PPO runs (the world model is fitted by then)
         lines.append(line)
