@@ -484,16 +484,18 @@ class EnsembleModel(world_model.WorldModel):
         """The network's one batched step (see `EnsembleWorldModel.predict`): what the pictures draw."""
         return self.net.predict(obs, action, members=members, noise=noise)
 
-    def differentiable_step(self, obs, action):
+    def differentiable_step(self, obs, action, sample=False):
         """The interface's step for learners that differentiate through imagination (svg_imagined.py): obs (B,d)
         and Box action (B,a) tensors -> next_obs (B,d) and reward (B,) with the autograd graph back to obs and
         action, terminated (B,) bool without one. Each row draws one of the elites (torch's global generator: a
-        seeded run repeats on the CPU) and takes its mean, as the imagined envs without --sample-noise do."""
+        seeded run repeats on the CPU) and takes its mean (sample=False, as the imagined envs without
+        --sample-noise do) or a reparameterised sample of its Gaussian (sample=True)."""
         if self.net is None:
             raise ValueError("EnsembleModel: fit() or load() it before imagining")
         net = self.net
         members = net.elites[torch.randint(net.num_elites, (len(obs),), device=net.elites.device)]
-        next_obs, reward, logit = net.predict_with_grad(obs, action, members, termination=self.termination_fn is None)
+        next_obs, reward, logit = net.predict_with_grad(obs, action, members, termination=self.termination_fn is None,
+                                                        sample=sample)
         terminated = logit > 0.0 if self.termination_fn is None else self.termination_fn(next_obs.detach())
         return next_obs, reward, terminated
 

@@ -277,19 +277,22 @@ class EnsembleWorldModel(nn.Module):
             logit = self.termination_logits(x, next_obs)[members, rows]
         return next_obs, reward, logit, spread
 
-    def predict_with_grad(self, obs, action, members, termination=True):
-        """`predict` with `members` and no noise, keeping the autograd graph from obs and action to next_obs and
-        reward: for learners that differentiate through imagined steps (svg_imagined.py). obs (B,obs_dim) and action
-        (B,act_dim) float tensors (Box actions), members (B,) long. Each row runs only its own member (the FLOPs of
-        one member: the backward pass costs as much again). Returns next_obs (B,obs_dim), reward (B,) and the
-        termination logit (B,), the logit without a graph: where an imagined episode ends is not differentiated
-        (termination=False: None, for a caller with its own termination rule)."""
+    def predict_with_grad(self, obs, action, members, termination=True, sample=False):
+        """`predict` with `members`, keeping the autograd graph from obs and action to next_obs and reward: for
+        learners that differentiate through imagined steps (svg_imagined.py). obs (B,obs_dim) and action (B,act_dim)
+        float tensors (Box actions), members (B,) long. Each row runs only its own member (the FLOPs of one member:
+        the backward pass costs as much again). sample=False: the member's mean; True: a reparameterised sample,
+        mean + std * noise (torch's global generator), its gradient through mean and std. Returns next_obs
+        (B,obs_dim), reward (B,) and the termination logit (B,), the logit without a graph: where an imagined episode
+        ends is not differentiated (termination=False: None, for a caller with its own termination rule)."""
         if self.discrete:
             raise ValueError("EnsembleWorldModel.predict_with_grad: a Discrete action has no gradient; it takes "
                              f"Box actions, this model was fitted for {self.action_space}")
         a = torch.maximum(torch.minimum(action.float(), self.act_high), self.act_low)  # the clip the real env does
         x = self.model_input(obs.float(), a)
-        m, _ = _by_member(members, self._member_dynamics, x)
+        m, logvar = _by_member(members, self._member_dynamics, x)
+        if sample:
+            m = m + torch.exp(0.5 * logvar) * torch.randn_like(m)
         next_obs, reward = self._decode(obs.float(), m)
         if not termination:
             return next_obs, reward, None

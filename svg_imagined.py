@@ -19,6 +19,7 @@
 #   same expansion, its gradient flowing through the model's steps (SVG(H)). A termination ends a row's sum.
 # Amos et al. 2021 (SAC-SVG(H)), Feinberg et al. 2018 (MVE), Janner et al. 2019 (MBPO), Kubo et al. (DHMBPO, arXiv
 # 2512.15439), whose released settings are the defaults here but the network widths (see --hidden-size).
+import inspect
 import os
 import sys
 import time
@@ -80,6 +81,9 @@ class Args:
     training_horizon: int = 5
     """The model steps each update differentiates through: the actor's SVG(H) and the critics' MVE horizon
     (DHMBPO: 5; 1 is SAC on one-step model branches with the actor's gradient through the model's step)."""
+    model_noise: bool = True
+    """If toggled, the training rollouts step with a reparameterised sample of each row's member (mean + std *
+    noise: DHMBPO's), not its mean: the actor cannot climb one smooth guess of the dynamics."""
     halt_threshold: float = 0.0
     """The halt rule's disagreement multiple for the distribution rollouts (0, the default, turns it off)."""
     utd_ratio: int = 1
@@ -91,6 +95,10 @@ class Args:
     min_of_critics: int = 2
     """The targets take the minimum of this many critics drawn at random for each update (DHMBPO and REDQ: 2 of
     the ensemble; with --num-critics 2 it is clipped double Q)."""
+    bounded_critics: bool = True
+    """If toggled, the targets' bootstrap at the horizon is clipped to [1%, 99%] quantiles of the rollouts' soft
+    rewards (r - alpha log pi) divided by 1 - gamma, the bounds tracked slowly (DHMBPO's bounded critics): a Q
+    the imagined rewards cannot reach is not a target."""
     hidden_size: int = 128
     """The width of the actor's and critics' two hidden layers (DHMBPO: a 3x256 actor and 2x512 critics, sized for a
     GPU; sac_imagined.py's 128 here: five 256-wide critics made an update's critic step 3.3x slower on the CPU)."""
@@ -128,14 +136,16 @@ class Args:
     """Record the final evaluation's real episodes, and one dream-vs-real video, under runs/<run>/videos/."""
 
 
-def training_rollout(model, actor, start_obs, horizon):
+def training_rollout(model, actor, start_obs, horizon, sample=False):
     """`horizon` model steps from start_obs (B,d) with the actor's reparameterised actions, the autograd graph kept
-    through actions and model steps. Returns obs (H+1,B,d), actions (H+1,B,a), log_probs (H+1,B), rewards (H,B) and
-    alive (H+1,B) float: 1 where no termination came before that state (a state after one is not real)."""
+    through actions and model steps (sample: the model's reparameterised samples, not its means). Returns obs
+    (H+1,B,d), actions (H+1,B,a), log_probs (H+1,B), rewards (H,B) and alive (H+1,B) float: 1 where no termination
+    came before that state (a state after one is not real)."""
     obs, actions, log_probs, rewards, alive = [start_obs], [], [], [], [start_obs.new_ones(len(start_obs))]
     for _ in range(horizon):
         action, log_prob, _ = actor.get_action(obs[-1])
-        next_obs, reward, terminated = model.differentiable_step(obs[-1], action)
+        next_obs, reward, terminated = (model.differentiable_step(obs[-1], action, sample=True) if sample
+                                        else model.differentiable_step(obs[-1], action))
         actions.append(action), log_probs.append(log_prob), rewards.append(reward), obs.append(next_obs)
         alive.append(alive[-1] * (~terminated).float())
     action, log_prob, _ = actor.get_action(obs[-1])  # the horizon's action, for the critics' bootstrap
@@ -155,6 +165,21 @@ def soft_value_expansion(rewards, log_probs, alive, terminal_q, alpha, gamma):
         targets.append(alive[t] * (rewards[t] + gamma * values))
         values = targets[-1] - alive[t] * alpha * log_probs[t]
     return values, torch.stack(targets[::-1])
+
+
+BOUND_QUANTILES = (0.01, 0.99)
+BOUND_RATE = 3e-4  # the bounds move this share of the way to each update's figures (DHMBPO: its learning rate)
+
+
+def critic_bounds(bounds, rewards, log_probs, alive, alpha, gamma):
+    """DHMBPO's bounded critics: the [1%, 99%] quantiles of the alive steps' soft rewards r_t - alpha log pi_t,
+    over 1 - gamma (the returns of living on the lowest or the highest soft reward for ever), moved from `bounds`
+    (a (2,) tensor, None at first) by BOUND_RATE. Returns the new (2,) bounds."""
+    soft = (rewards - alpha * log_probs[:-1])[alive[:-1] > 0]
+    if len(soft) == 0:
+        return bounds
+    new = torch.quantile(soft, torch.tensor(BOUND_QUANTILES, device=soft.device)) / (1.0 - gamma)
+    return new if bounds is None else bounds.lerp_(new, BOUND_RATE)
 
 
 def evaluate_checkpoint(path):
@@ -185,10 +210,17 @@ def check_args(args):
                       "model_rollout_every", "rollout_batch_size", "imagined_horizon", "model_retain_rollouts",
                       "training_horizon", "utd_ratio", "num_critics", "min_of_critics", "hidden_size", "batch_size",
                       "eval_episodes", "num_threads", "stop_after_evals")
+    if args.model_noise and "sample" not in inspect.signature(model.differentiable_step).parameters:
+        raise ru.ArgError("--model-noise", "a model whose differentiable_step takes sample=True (world_model.py)",
+                          args.world_model, f"{type(model).__name__}.differentiable_step has no `sample`: "
+                          "add --no-model-noise to step with its output as it is.")
     if args.min_of_critics > args.num_critics:
         raise ru.ArgError("--min-of-critics", f"at most --num-critics ({args.num_critics})", args.min_of_critics)
     if not 0.0 <= args.gamma <= 1.0:
         raise ru.ArgError("--gamma", "a value in [0, 1]", args.gamma)
+    if args.bounded_critics and args.gamma == 1.0:
+        raise ru.ArgError("--gamma", "a value below 1 with --bounded-critics (the bounds divide by 1 - gamma)",
+                          args.gamma, "Add --no-bounded-critics.")
     for name in ("halt_threshold", "eval_every"):
         if not getattr(args, name) >= 0:
             raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))
@@ -254,7 +286,7 @@ if __name__ == "__main__":
         since_refit, since_rollout, num_updates = 0, 0, 0
         timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
         global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
-        drawn_after = None
+        drawn_after, q_bounds = None, None
         loop_start, loop_steps = time.time(), args.total_timesteps - collected
         for step in range(loop_steps):
             t0 = time.time()
@@ -288,13 +320,17 @@ if __name__ == "__main__":
                 num_updates += 1
                 start_obs = start_rb.sample(args.batch_size, device)[0]
                 b_obs, b_actions, log_probs, rewards, alive = training_rollout(model, actor, start_obs,
-                                                                               args.training_horizon)
+                                                                               args.training_horizon, args.model_noise)
                 h, b = rewards.shape
                 figures["imagined_steps"] += h * b
                 # critics: regress Q(s_t, a_t) on the soft value expansion, with a random subset's min at the horizon
                 with torch.no_grad():
                     subset = torch.as_tensor(train_rng.choice(args.num_critics, args.min_of_critics, replace=False))
                     q_end = qf_target(b_obs[-1], b_actions[-1])[subset].min(0).values
+                    if args.bounded_critics:
+                        q_bounds = critic_bounds(q_bounds, rewards, log_probs, alive, alpha, args.gamma)
+                        if q_bounds is not None:
+                            q_end = q_end.clamp(q_bounds[0], q_bounds[1])
                     _, q_targets = soft_value_expansion(rewards, log_probs, alive, q_end, alpha, args.gamma)
                 q_pred = qf(b_obs[:-1].detach().reshape(h * b, -1), b_actions[:-1].detach().reshape(h * b, -1))
                 q_errors = (q_pred.view(-1, h, b) - q_targets).pow(2) * alive[:-1]  # no loss on states after an end
@@ -328,6 +364,8 @@ if __name__ == "__main__":
                 for tag, value in {"losses/qf_loss": qf_loss.item() / args.num_critics,
                                    "losses/qf_values": q_pred.mean().item(), "losses/actor_loss": actor_loss.item(),
                                    "losses/alpha": alpha, "losses/rollout_alive": alive[-1].mean().item(),
+                                   **({"losses/q_lower_bound": q_bounds[0].item(),
+                                       "losses/q_upper_bound": q_bounds[1].item()} if q_bounds is not None else {}),
                                    **({"losses/alpha_loss": alpha_loss.item()} if args.autotune else {}),
                                    "charts/SPS": sps, "charts/real_env_steps": global_step}.items():
                     writer.add_scalar(tag, value, global_step)
