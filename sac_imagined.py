@@ -161,8 +161,12 @@ class SoftQNetworks(nn.Module):
     (the same init), in half the ops: a CPU update is bound by the number of ops, not their FLOPs.
     forward(obs, actions) -> (2, B)."""
 
-    def __init__(self, obs_dim, act_dim, hidden_size=256, num_q=2):
+    def __init__(self, obs_dim, act_dim, hidden_size=256, num_q=2, normalize_obs=False):
         super().__init__()
+        self.normalize_obs = normalize_obs
+        if normalize_obs:  # set_obs_stats fills them; buffers: saved with the weights
+            self.register_buffer("obs_mean", torch.zeros(obs_dim))
+            self.register_buffer("obs_std", torch.ones(obs_dim))
         sizes = [obs_dim + act_dim, hidden_size, hidden_size, 1]
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_q, i, o)) for i, o in zip(sizes, sizes[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_q, 1, o)) for o in sizes[1:])
@@ -172,6 +176,8 @@ class SoftQNetworks(nn.Module):
             nn.init.uniform_(b, -bound, bound)
 
     def forward(self, x, a):
+        if self.normalize_obs:
+            x = (x - self.obs_mean) / self.obs_std
         h = torch.cat([x, a], 1).expand(len(self.weights[0]), -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             h = torch.baddbmm(b, h, w)
@@ -187,8 +193,12 @@ HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 class Actor(nn.Module):
     """A tanh-squashed Gaussian policy whose actions are rescaled to the bounds of the Box action space."""
 
-    def __init__(self, obs_dim, action_space, hidden_size=256):
+    def __init__(self, obs_dim, action_space, hidden_size=256, normalize_obs=False):
         super().__init__()
+        self.normalize_obs = normalize_obs
+        if normalize_obs:  # set_obs_stats fills them; buffers: saved with the weights
+            self.register_buffer("obs_mean", torch.zeros(obs_dim))
+            self.register_buffer("obs_std", torch.ones(obs_dim))
         act_dim = int(np.prod(action_space.shape))
         self.fc1 = nn.Linear(obs_dim, hidden_size)
         self.fc2 = nn.Linear(hidden_size, hidden_size)
@@ -199,6 +209,8 @@ class Actor(nn.Module):
         self.register_buffer("action_bias", torch.tensor((high + low) / 2.0, dtype=torch.float32))
 
     def forward(self, x):
+        if self.normalize_obs:
+            x = (x - self.obs_mean) / self.obs_std
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         mean = self.fc_mean(x)
@@ -217,6 +229,16 @@ class Actor(nn.Module):
         # then the change of variables for the tanh squashing and the rescaling
         log_prob = -0.5 * eps.pow(2) - log_std - HALF_LOG_2PI - torch.log(self.action_scale * (1 - y_t.pow(2)) + 1e-6)
         return action, log_prob.sum(1), torch.tanh(mean) * self.action_scale + self.action_bias
+
+
+def set_obs_stats(obs, *nets):
+    """Standardise the inputs of nets built with normalize_obs=True by the mean and std of obs (N, d), a std under
+    1e-3 (a constant feature) counted as 1e-3."""
+    obs = torch.as_tensor(obs, dtype=torch.float32)
+    mean, std = obs.mean(0), obs.std(0).clamp_min(1e-3)
+    for net in nets:
+        net.obs_mean.copy_(mean.to(net.obs_mean.device))
+        net.obs_std.copy_(std.to(net.obs_std.device))
 
 
 def soft_q_target(rewards, terminated, next_q1, next_q2, next_log_prob, alpha, gamma):

@@ -88,6 +88,10 @@ class Args:
     """The halt rule's disagreement multiple for the distribution rollouts (0, the default, turns it off)."""
     utd_ratio: int = 1
     """Gradient steps (each a training rollout, a critic and an actor update) per real step (DHMBPO: 1)."""
+    critic_updates_after_refit: int = 0
+    """After each refit, the start-state buffer is emptied (its states came from the old model), refilled by one
+    batch of distribution rollouts, and the critics take this many updates alone before the actor moves again
+    (DHMBPO: a quarter of the real steps between its model updates, 62 at --refit-every 250; 0: neither)."""
 
     # SAC (CleanRL names)
     num_critics: int = 5
@@ -99,6 +103,9 @@ class Args:
     """If toggled, the targets' bootstrap at the horizon is clipped to [1%, 99%] quantiles of the rollouts' soft
     rewards (r - alpha log pi) divided by 1 - gamma, the bounds tracked slowly (DHMBPO's bounded critics): a Q
     the imagined rewards cannot reach is not a target."""
+    normalize_obs: bool = False
+    """If toggled, the actor's and critics' inputs are standardised by the real observations' mean and std, set at
+    the first update and at each refit (DHMBPO's input normalisation; the model keeps its own)."""
     hidden_size: int = 128
     """The width of the actor's and critics' two hidden layers (DHMBPO: a 3x256 actor and 2x512 critics, sized for a
     GPU; sac_imagined.py's 128 here: five 256-wide critics made an update's critic step 3.3x slower on the CPU)."""
@@ -187,7 +194,8 @@ def evaluate_checkpoint(path):
     payload = ru.load_agent(path)
     model = dyna.agent_world_model(payload, path)
     _, act_space, _ = ru.real_env_spaces(payload["args"]["env_id"], f"{TAG}.py", actions=("Box",))
-    actor = sac.Actor(model.observation_space.shape[0], act_space, payload["args"]["hidden_size"])
+    actor = sac.Actor(model.observation_space.shape[0], act_space, payload["args"]["hidden_size"],
+                      payload["args"].get("normalize_obs", False))
     actor.load_state_dict(payload["state_dicts"]["actor"])
     return dyna.replay_final_evaluation(TAG, path, sac.policy_fn(actor, "cpu", True), model)
 
@@ -254,9 +262,11 @@ if __name__ == "__main__":
         data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print(f"[{TAG}]", s))
         figures, timings, writer = run.figures, run.timings, run.writer
         obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
-        actor = nets["actor"] = sac.Actor(obs_dim, act_space, args.hidden_size).to(device)
-        qf = nets["qf"] = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics).to(device)
-        qf_target = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics).to(device)
+        actor = nets["actor"] = sac.Actor(obs_dim, act_space, args.hidden_size, args.normalize_obs).to(device)
+        qf = nets["qf"] = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics,
+                                            args.normalize_obs).to(device)
+        qf_target = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics,
+                                      args.normalize_obs).to(device)
         qf_target.load_state_dict(qf.state_dict())
         q_params, q_target_params = list(qf.parameters()), list(qf_target.parameters())
         actor_params = list(actor.parameters())
@@ -285,6 +295,7 @@ if __name__ == "__main__":
         collected = figures["real_env_steps"] if args.world_model_path is None else 0
         since_refit, since_rollout, num_updates = 0, 0, 0
         timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
+        figures["critic_only_updates"] = 0
         global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
         drawn_after, q_bounds = None, None
         loop_start, loop_steps = time.time(), args.total_timesteps - collected
@@ -297,11 +308,16 @@ if __name__ == "__main__":
             if rb.size < args.initial_real_steps:
                 continue
 
+            refitted = False
             if learns and since_refit >= args.refit_every:  # a warm refit on all real data, its budget the new data
                 run.add_dyna_round(dyna.refit(model, sac.transitions(log, args.env_id), since_refit,
                                               seed=args.seed + global_step, refit_passes=args.refit_passes,
                                               writer=writer, global_step=global_step, draw=drawn_after != last_eval))
-                since_refit, drawn_after = 0, last_eval
+                since_refit, drawn_after, refitted = 0, last_eval, True
+                if args.critic_updates_after_refit:
+                    start_rb.clear()
+            if args.normalize_obs and (refitted or num_updates == 0):
+                sac.set_obs_stats(rb.obs[:rb.size], actor, qf, qf_target)
             if start_rb.size == 0 or since_rollout >= args.model_rollout_every:  # distribution rollouts, detached
                 t0 = time.time()
                 starts = rb.obs[rb.rng.integers(0, rb.size, size=args.rollout_batch_size)]
@@ -316,11 +332,15 @@ if __name__ == "__main__":
                 writer.add_scalar("world_model/rollout_terminated_fraction", imagined["terminated"].mean(), global_step)
 
             t0 = time.time()
-            for _ in range(args.utd_ratio):
+            critic_only = args.critic_updates_after_refit if refitted else 0
+            figures["critic_only_updates"] += critic_only
+            for update in range(critic_only + args.utd_ratio):
                 num_updates += 1
+                actor_moves = update >= critic_only
                 start_obs = start_rb.sample(args.batch_size, device)[0]
-                b_obs, b_actions, log_probs, rewards, alive = training_rollout(model, actor, start_obs,
-                                                                               args.training_horizon, args.model_noise)
+                with torch.enable_grad() if actor_moves else torch.no_grad():  # a critic-only update needs no graph
+                    b_obs, b_actions, log_probs, rewards, alive = training_rollout(
+                        model, actor, start_obs, args.training_horizon, args.model_noise)
                 h, b = rewards.shape
                 figures["imagined_steps"] += h * b
                 # critics: regress Q(s_t, a_t) on the soft value expansion, with a random subset's min at the horizon
@@ -340,6 +360,8 @@ if __name__ == "__main__":
                 q_optimizer.step()
                 with torch.no_grad():
                     torch._foreach_lerp_(q_target_params, q_params, args.tau)
+                if not actor_moves:
+                    continue
 
                 # actor: ascend V_0 of the same rollout, through its actions and model steps, the critics' mean at H
                 q_end = qf(b_obs[-1], b_actions[-1]).mean(0)

@@ -69,6 +69,37 @@ def test_differentiable_step_is_predict_with_a_graph(pendulum_model, rows):
     assert stepped[0].shape == obs.shape and stepped[2].dtype == torch.bool
 
 
+def test_sampled_differentiable_step_is_reparameterised(pendulum_model):
+    net = pendulum_model.net
+    obs = torch.as_tensor(pendulum_model.data.obs[:64], dtype=torch.float32)
+    action = torch.as_tensor(pendulum_model.data.actions[:64], dtype=torch.float32).requires_grad_(True)
+    members = torch.arange(64) % net.ensemble_size
+    mean_obs, mean_reward, _ = net.predict_with_grad(obs, action, members)
+    torch.manual_seed(0)
+    next_obs, reward, _ = net.predict_with_grad(obs, action, members, sample=True)
+    torch.manual_seed(0)
+    again = net.predict_with_grad(obs, action, members, sample=True)[0]
+    torch.testing.assert_close(next_obs, again)  # the global generator's noise: a seeded run repeats
+    assert not torch.allclose(next_obs, mean_obs) and not torch.allclose(reward, mean_reward)
+    (grad,) = torch.autograd.grad(reward.sum(), action)  # the noise is reparameterised: gradients still flow
+    assert grad.abs().sum() > 0
+    # the spread of the samples around the mean is the member's std: about one std in its normalised units
+    z = ((next_obs - mean_obs) / net.out_std[: net.obs_dim]).detach()
+    assert 0.0 < z.std().item() < 10.0
+
+
+def test_critic_bounds_are_the_soft_reward_quantiles_over_one_minus_gamma():
+    rewards = torch.arange(100.0).view(1, 100)  # (H=1, B=100): soft rewards 0..99 with alpha 0
+    log_probs, alive = torch.zeros(2, 100), torch.ones(2, 100)
+    bounds = svg.critic_bounds(None, rewards, log_probs, alive, alpha=0.0, gamma=0.9)
+    torch.testing.assert_close(bounds, torch.tensor([0.99, 98.01]) * 10.0)
+    moved = svg.critic_bounds(bounds.clone(), rewards + 100.0, log_probs, alive, alpha=0.0, gamma=0.9)
+    torch.testing.assert_close(moved, bounds + 1000.0 * svg.BOUND_RATE)  # a slow move, not a jump
+    # the steps after a termination do not count
+    dead = torch.zeros(2, 100)
+    assert svg.critic_bounds(bounds, rewards, log_probs, dead, alpha=0.0, gamma=0.9) is bounds
+
+
 class _FallingModel:
     """A torch simulator: obs moves by the action, reward 1 a step, termination once obs[0] > 0.5."""
 
@@ -115,14 +146,36 @@ def test_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
     assert f"real return {summary['real_return_mean']:.1f} " in capsys.readouterr().out
 
 
+def test_critic_only_updates_after_refit_and_normalised_inputs(tmp_path, monkeypatch):
+    scope, summary = _run(tmp_path, monkeypatch, TINY + ["--critic-updates-after-refit", "3", "--normalize-obs",
+                                                        "--no-model-noise", "--no-bounded-critics"])
+    assert summary["status"] == "finished" and summary["refits"] == 1
+    assert summary["critic_only_updates"] == 3 and summary["updates"] == 50 + 3
+    data = scope["rb"].obs[: scope["rb"].size]
+    for net in (scope["actor"], scope["qf"], scope["qf_target"]):  # the stats of the last refit's data
+        assert not torch.allclose(net.obs_std, torch.ones_like(net.obs_std))
+        torch.testing.assert_close(net.obs_mean, torch.as_tensor(data[:290].mean(0)))
+    # a saved agent keeps its stats: the replay rebuilds the same normalised actor
+    payload = torch.load(summary["agent_path"], weights_only=False)
+    assert "obs_mean" in payload["state_dicts"]["actor"]
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--env-id", "CartPole-v1"], "ppo_imagined.py or dqn_imagined.py"),
     (["--world-model", "none"], "sac_imagined.py --world-model none"),
     (["--world-model", "rssm"], "RSSMModel lacks differentiable_step"),
     (["--min-of-critics", "6"], "--min-of-critics"),
     (["--training-horizon", "0"], "--training-horizon"),
+    (["--gamma", "1.0"], "--no-bounded-critics"),
+    (["--world-model", "mean_only.py:make"], "--no-model-noise"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
+    # a user's ensemble whose differentiable_step gives means only: --model-noise needs a `sample` argument
+    (tmp_path / "mean_only.py").write_text(
+        "import ensemble\n\n\nclass MeanOnly(ensemble.EnsembleModel):\n"
+        "    def differentiable_step(self, obs, action):\n"
+        "        return super().differentiable_step(obs, action)\n\n\n"
+        "def make(env_id, seed=0, device='cpu'):\n    return MeanOnly(env_id, seed=seed, device=device)\n")
     result = subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0
