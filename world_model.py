@@ -19,7 +19,7 @@ Every script uses a world model through these members and nothing else (README: 
 are the same for every model; a model need not inherit from it, `check_world_model` checks what it offers.
 
 A model is named the way Gymnasium names env entry points: `--world-model ensemble` (the reference ensemble;
-`mbpo-ensemble`: the same with MBPO's sizes), `--world-model none` (no model: model-free), or `--world-model path/to/file.py:attr` / `package.module:attr`, where
+`mbpo-ensemble`, `dhmbpo-ensemble`: the same with MBPO's or DHMBPO's sizes), `--world-model none` (no model: model-free), or `--world-model path/to/file.py:attr` / `package.module:attr`, where
 `attr` is a class or function called as `attr(env_id=..., seed=..., device=...)` that returns the model.
 """
 import importlib
@@ -31,7 +31,8 @@ import sys
 import gymnasium as gym
 
 # The models of this collection, as entry points (resolved on use, so this module imports none of them).
-BUILTIN = {"ensemble": "ensemble:EnsembleModel", "mbpo-ensemble": "ensemble:mbpo_ensemble", "rssm": "rssm:RSSMModel"}
+BUILTIN = {"ensemble": "ensemble:EnsembleModel", "mbpo-ensemble": "ensemble:mbpo_ensemble",
+           "dhmbpo-ensemble": "ensemble:dhmbpo_ensemble", "rssm": "rssm:RSSMModel"}
 NO_MODEL = "none"
 
 REQUIRED = ("observation_space", "action_space", "imagined_env", "real_env")

@@ -299,7 +299,7 @@ def test_examples_given_simulator_uses_no_real_data(tmp_path, monkeypatch, capsy
     (["--env-id", MULTI_DISCRETE_ID], "--env-id: expected an env with Discrete actions or Box actions"),
     (["--world-model-path", "missing/world_model.pt"], "--world-model-path: expected a world-model checkpoint"),
     (["--world-model", "none"], "--world-model: expected ensemble or your own model"),
-    (["--world-model", "no_such_module:Model"], "--world-model: expected ensemble, mbpo-ensemble, rssm, none"),
+    (["--world-model", "no_such_module:Model"], "--world-model: expected ensemble, mbpo-ensemble, dhmbpo-ensemble, rssm, none"),
     (["--env-id", "Pendulum-v1", "--algo", "dqn"], "--algo: expected ppo or sac for Pendulum-v1's Box actions"),
     (["--real-iterations", "-1"], "--real-iterations: expected an integer >= 0"),
 ])

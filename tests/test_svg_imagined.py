@@ -146,11 +146,12 @@ def test_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
     assert f"real return {summary['real_return_mean']:.1f} " in capsys.readouterr().out
 
 
-def test_critic_only_updates_after_refit_and_normalised_inputs(tmp_path, monkeypatch):
+def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_inputs(tmp_path, monkeypatch):
     scope, summary = _run(tmp_path, monkeypatch, TINY + ["--critic-updates-after-refit", "3", "--normalize-obs",
-                                                        "--no-model-noise", "--no-bounded-critics"])
+                                                        "--model-noise", "--bounded-critics"])
     assert summary["status"] == "finished" and summary["refits"] == 1
     assert summary["critic_only_updates"] == 3 and summary["updates"] == 50 + 3
+    assert scope["q_bounds"] is not None and scope["q_bounds"][0] <= scope["q_bounds"][1]  # the bounds were tracked
     data = scope["rb"].obs[: scope["rb"].size]
     for net in (scope["actor"], scope["qf"], scope["qf_target"]):  # the stats of the last refit's data
         assert not torch.allclose(net.obs_std, torch.ones_like(net.obs_std))
@@ -166,8 +167,8 @@ def test_critic_only_updates_after_refit_and_normalised_inputs(tmp_path, monkeyp
     (["--world-model", "rssm"], "RSSMModel lacks differentiable_step"),
     (["--min-of-critics", "6"], "--min-of-critics"),
     (["--training-horizon", "0"], "--training-horizon"),
-    (["--gamma", "1.0"], "--no-bounded-critics"),
-    (["--world-model", "mean_only.py:make"], "--no-model-noise"),
+    (["--gamma", "1.0", "--bounded-critics"], "--no-bounded-critics"),
+    (["--world-model", "mean_only.py:make", "--model-noise"], "--no-model-noise"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
     # a user's ensemble whose differentiable_step gives means only: --model-noise needs a `sample` argument

@@ -400,6 +400,8 @@ def test_mbpo_ensemble_has_mbpos_sizes():
 
     model = world_model.make("mbpo-ensemble", env_id="Pendulum-v1", seed=0)
     assert model.sizes == dict(ensemble_size=7, hidden_size=200, num_layers=4, num_elites=5)
+    model = world_model.make("dhmbpo-ensemble", env_id="Pendulum-v1", seed=0)
+    assert model.sizes == dict(ensemble_size=8, hidden_size=256, num_layers=4, num_elites=8)
 
 
 def test_evaluate_in_real_env_is_deterministic():
