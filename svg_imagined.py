@@ -225,14 +225,14 @@ def check_args(args):
     if args.model_noise and "sample" not in inspect.signature(model.differentiable_step).parameters:
         raise ru.ArgError("--model-noise", "a model whose differentiable_step takes sample=True (world_model.py)",
                           args.world_model, f"{type(model).__name__}.differentiable_step has no `sample`: "
-                          "add --no-model-noise to step with its output as it is.")
+                          "drop --model-noise (off by default) to step with its output as it is.")
     if args.min_of_critics > args.num_critics:
         raise ru.ArgError("--min-of-critics", f"at most --num-critics ({args.num_critics})", args.min_of_critics)
     if not 0.0 <= args.gamma <= 1.0:
         raise ru.ArgError("--gamma", "a value in [0, 1]", args.gamma)
     if args.bounded_critics and args.gamma == 1.0:
         raise ru.ArgError("--gamma", "a value below 1 with --bounded-critics (the bounds divide by 1 - gamma)",
-                          args.gamma, "Add --no-bounded-critics.")
+                          args.gamma, "Drop --bounded-critics (off by default).")
     for name in ("halt_threshold", "eval_every"):
         if not getattr(args, name) >= 0:
             raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))

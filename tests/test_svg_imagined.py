@@ -167,8 +167,8 @@ def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_in
     (["--world-model", "rssm"], "RSSMModel lacks differentiable_step"),
     (["--min-of-critics", "6"], "--min-of-critics"),
     (["--training-horizon", "0"], "--training-horizon"),
-    (["--gamma", "1.0", "--bounded-critics"], "--no-bounded-critics"),
-    (["--world-model", "mean_only.py:make", "--model-noise"], "--no-model-noise"),
+    (["--gamma", "1.0", "--bounded-critics"], "Drop --bounded-critics"),
+    (["--world-model", "mean_only.py:make", "--model-noise"], "drop --model-noise"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
     # a user's ensemble whose differentiable_step gives means only: --model-noise needs a `sample` argument
