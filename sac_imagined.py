@@ -155,6 +155,18 @@ def noise_setting(args):
     return {"sample_noise": True} if args.sample_noise else {}
 
 
+def add_obs_stats(net, obs_dim, normalize_obs):
+    """Gives `net` the input statistics set_obs_stats fills (buffers: saved with the weights) where asked."""
+    net.normalize_obs = normalize_obs
+    if normalize_obs:
+        net.register_buffer("obs_mean", torch.zeros(obs_dim))
+        net.register_buffer("obs_std", torch.ones(obs_dim))
+
+
+def normalized(net, x):
+    return (x - net.obs_mean) / net.obs_std if net.normalize_obs else x
+
+
 class SoftQNetworks(nn.Module):
     """The twin soft Q-networks of clipped double Q as one module: each layer holds both critics' weights in one
     (2, in, out) tensor and runs them in one batched matmul (`baddbmm`). The same networks as two `nn.Linear` MLPs
@@ -163,10 +175,7 @@ class SoftQNetworks(nn.Module):
 
     def __init__(self, obs_dim, act_dim, hidden_size=256, num_q=2, normalize_obs=False):
         super().__init__()
-        self.normalize_obs = normalize_obs
-        if normalize_obs:  # set_obs_stats fills them; buffers: saved with the weights
-            self.register_buffer("obs_mean", torch.zeros(obs_dim))
-            self.register_buffer("obs_std", torch.ones(obs_dim))
+        add_obs_stats(self, obs_dim, normalize_obs)
         sizes = [obs_dim + act_dim, hidden_size, hidden_size, 1]
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_q, i, o)) for i, o in zip(sizes, sizes[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_q, 1, o)) for o in sizes[1:])
@@ -176,8 +185,7 @@ class SoftQNetworks(nn.Module):
             nn.init.uniform_(b, -bound, bound)
 
     def forward(self, x, a):
-        if self.normalize_obs:
-            x = (x - self.obs_mean) / self.obs_std
+        x = normalized(self, x)
         h = torch.cat([x, a], 1).expand(len(self.weights[0]), -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             h = torch.baddbmm(b, h, w)
@@ -195,10 +203,7 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim, action_space, hidden_size=256, normalize_obs=False):
         super().__init__()
-        self.normalize_obs = normalize_obs
-        if normalize_obs:  # set_obs_stats fills them; buffers: saved with the weights
-            self.register_buffer("obs_mean", torch.zeros(obs_dim))
-            self.register_buffer("obs_std", torch.ones(obs_dim))
+        add_obs_stats(self, obs_dim, normalize_obs)
         act_dim = int(np.prod(action_space.shape))
         self.fc1 = nn.Linear(obs_dim, hidden_size)
         self.fc2 = nn.Linear(hidden_size, hidden_size)
@@ -209,8 +214,7 @@ class Actor(nn.Module):
         self.register_buffer("action_bias", torch.tensor((high + low) / 2.0, dtype=torch.float32))
 
     def forward(self, x):
-        if self.normalize_obs:
-            x = (x - self.obs_mean) / self.obs_std
+        x = normalized(self, x)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         mean = self.fc_mean(x)
