@@ -58,3 +58,8 @@ def mbpo_ensemble(env_id, seed=0, device="cpu"):
 def ensemble_model(env_id, seed=0, device="cpu"):
     """The default ensemble (`--world-model ensemble`) with the env's known termination rule."""
     return ensemble.EnsembleModel(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id))
+
+
+def dhmbpo_ensemble(env_id, seed=0, device="cpu"):
+    """DHMBPO's network size (`--world-model dhmbpo-ensemble`) with the env's known termination rule."""
+    return ensemble.dhmbpo_ensemble(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id))
