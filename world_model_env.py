@@ -357,6 +357,13 @@ class WorldModelEnv(gym.Env):
 def _scatter(dst: Any, rows: np.ndarray, src: Any, where: str, index: Any = None) -> Any:
     """Write ``src`` (k rows) into rows ``rows`` of ``dst`` (num_envs rows); dst may be a pytree. ``index``: rows
     as a tensor already (reused for every tensor leaf on its device). Callers hold _no_grad()."""
+    torch = _torch()
+    # the common leaf, a CPU tensor: through NumPy views, far fewer dispatches than index_copy_
+    if index is None and torch is not None and type(dst) is type(src) is torch.Tensor and dst.device.type == "cpu" \
+            and src.device.type == "cpu" and src.dtype == dst.dtype and src.shape[1:] == dst.shape[1:] \
+            and len(src) == len(rows) and not (dst.requires_grad or src.requires_grad):
+        dst.numpy()[rows] = src.numpy()
+        return dst
     if isinstance(dst, Mapping):
         return type(dst)({k: _scatter(dst[k], rows, src[k], f"{where}[{k!r}]", index) for k in dst})
     if isinstance(dst, (tuple, list)):
@@ -368,11 +375,6 @@ def _scatter(dst: Any, rows: np.ndarray, src: Any, where: str, index: Any = None
                            "adapters must return states with the same structure and trailing shape (one row per env).")
     try:
         if _is_tensor(dst):
-            torch = _torch()
-            if index is None and _is_tensor(src) and src.dtype == dst.dtype and dst.device.type == "cpu" == \
-                    src.device.type and not dst.requires_grad:  # a NumPy view: far fewer dispatches than index_copy_
-                dst.numpy()[rows] = src.numpy()
-                return dst
             if index is None or index.device != dst.device:
                 index = torch.from_numpy(rows).to(dst.device)
             if not (_is_tensor(src) and src.dtype == dst.dtype and src.device == dst.device):
@@ -648,8 +650,15 @@ class WorldModelVectorEnv(gym.vector.VectorEnv):
 
     def _draw_seeds(self, rows: np.ndarray) -> np.ndarray:
         """The next seed of each row's stream (rows: unique host indices); advances those streams."""
-        self._row_streams[rows], seeds = stream_nexts(self._row_streams[rows])
-        return seeds
+        streams = self._row_streams
+        if len(rows) > 8:
+            streams[rows], seeds = stream_nexts(streams[rows])
+            return seeds
+        seeds = []  # an autoreset ends a row or two per step: Python ints beat a dozen NumPy calls (3 us, not 15)
+        for row in rows.tolist():
+            streams[row], seed = stream_next(int(streams[row]))
+            seeds.append(seed)
+        return np.array(seeds, dtype=np.int64)
 
     def _index(self, rows: np.ndarray):
         """Host row indices as a tensor on the output device (rows themselves for numpy output)."""
