@@ -360,8 +360,8 @@ def _scatter(dst: Any, rows: np.ndarray, src: Any, where: str, index: Any = None
     torch = _torch()
     # the common leaf, a CPU tensor: through NumPy views, far fewer dispatches than index_copy_
     if index is None and torch is not None and type(dst) is type(src) is torch.Tensor and dst.device.type == "cpu" \
-            and src.device.type == "cpu" and src.dtype == dst.dtype and src.shape[1:] == dst.shape[1:] \
-            and len(src) == len(rows) and not (dst.requires_grad or src.requires_grad):
+            and src.device.type == "cpu" and src.dtype == dst.dtype and src.shape == (len(rows), *dst.shape[1:]) \
+            and not (dst.requires_grad or src.requires_grad):
         dst.numpy()[rows] = src.numpy()
         return dst
     if isinstance(dst, Mapping):
