@@ -4,6 +4,8 @@ What it measures, in one run, as environment steps per second (one vector step o
 
 * raw:          the batched adapters called directly in a loop (action transform + transition on a fixed
                 state, no env at all). Nothing built on the model can beat this: it is the limit.
+* floor:        the same step with the least an env must add (copies of the outputs, step counters, the finished
+                rows restarted, one finiteness check), written inline for this model: the most any env reaches.
 * vec numpy:    WorldModelVectorEnv(output="numpy"), one model call steps all N envs.
 * vec torch:    WorldModelVectorEnv(output="torch"), torch actions in, torch tensors out.
 * Sync / Async: gymnasium's SyncVectorEnv / AsyncVectorEnv of N single WorldModelEnv (one model call per env).
@@ -19,7 +21,7 @@ exits 0: the numbers are the product.
     python benchmark.py --json runs/benchmark.json                 # full run
 
 Method: every variant of one N is built, warmed up and calibrated (iterations per measurement so that one
-measurement takes about --min-time seconds), then measured --repeats times *interleaved* (raw, numpy, torch,
+measurement takes about --min-time seconds), then measured --repeats times *interleaved* (raw, floor, numpy, torch,
 Sync, Async, raw, ...) so slow drift of a shared machine hits all variants alike. Reported steps/s are
 medians; a ratio is the median of the per-repeat ratios (each from measurements taken seconds apart).
 The Python garbage collector is paused inside a measurement, as `timeit` does.
@@ -45,7 +47,7 @@ try:
     from benchmark_parts import (  # noqa: F401 (the adapters are benchmark.py's too: the tests use them from here)
         Case, MLPWorldModel, make_mlp_env, make_mlp_vector_env, measure, mlp_action_transform_batched,
         mlp_action_transform_single, mlp_reset_batched, mlp_reset_single, mlp_transition_batched,
-        mlp_transition_single, raw_batched_case, rssm_cases, timed, vector_case)
+        mlp_transition_single, floor_case, raw_batched_case, rssm_cases, timed, vector_case)
     from run_io import write_json_atomic
 
     # The seed tutorial's toy model and adapters, shared with the tests so both time what users start from.
@@ -136,9 +138,10 @@ def reset_seconds(envs, seed: int, sync: Callable[[], None] = lambda: None, repe
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-VARIANTS = ("raw", "vec_numpy", "vec_torch", "sync", "async")
+VARIANTS = ("raw", "floor", "vec_numpy", "vec_torch", "sync", "async")
 VARIANT_TITLES = {
     "raw": "raw model calls",
+    "floor": "floor (inline env)",
     "vec_numpy": "WMVecEnv numpy",
     "vec_torch": "WMVecEnv torch",
     "sync": "Sync of WMEnv",
@@ -150,7 +153,8 @@ def build_cases(args: Args, model: MLPWorldModel, model_kwargs: dict, n: int) ->
     """All variants for one N, plus {variant: reason} for the ones skipped."""
     rng = np.random.default_rng(args.seed)
     actions = rng.integers(0, args.num_actions, size=n, dtype=np.int64)  # fixed: the policy is not being measured
-    cases = [raw_batched_case(model, n, actions, args.seed)]
+    cases = [raw_batched_case(model, n, actions, args.seed),
+             floor_case(model, n, actions, args.seed, args.max_episode_steps)]
     skipped = {}
     try:
         for output, actions_in in (("numpy", actions), ("torch", torch.as_tensor(actions))):
@@ -327,7 +331,8 @@ def main(args: Args) -> dict:
             case.close()
 
     # ---- table
-    ratio_cols = [("vec_numpy", "raw"), ("vec_torch", "raw"), ("vec_numpy", "sync"), ("vec_numpy", "async")]
+    ratio_cols = [("vec_numpy", "raw"), ("floor", "raw"), ("vec_numpy", "floor"), ("vec_torch", "raw"),
+                  ("vec_numpy", "sync"), ("vec_numpy", "async")]
     header = ["N"] + [VARIANT_TITLES[v] for v in VARIANTS] + [f"{a.split('_')[-1]}/{b}" for a, b in ratio_cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table_json = {}
@@ -364,6 +369,10 @@ def main(args: Args) -> dict:
     if 1 in results:
         raw_1, raw_256 = (statistics.median(results[n]["rates"]["raw"]) for n in (1, HEADLINE_N))
         batching_gain = raw_256 / raw_1
+    # Context for batched_vs_raw: the same N's inline env (benchmark_parts.floor_case), no target. floor/raw is the
+    # most any env that copies its outputs, counts steps and restarts finished rows reaches on this machine.
+    floor = {"floor_vs_raw_256": median_ratio(results[HEADLINE_N]["rates"], "floor", "raw"),
+             "batched_vs_floor_256": median_ratio(results[HEADLINE_N]["rates"], "vec_numpy", "floor")}
     wall = time.perf_counter() - wall_start
 
     print("\nSteps/s (env steps: one vector step of N envs counts N; medians) and ratios (medians of per-repeat ratios):\n")
@@ -383,6 +392,8 @@ def main(args: Args) -> dict:
         verdict = "PASS" if meets(key, value) else "MISS"
         sign = "<=" if key in LOWER_IS_BETTER else ">="
         print(f"{key:>22} = {value:8.3g}   (target {sign} {TARGETS[key]:g})  {verdict}")
+    print(f"\ncontext: the inline env (floor) reaches {floor['floor_vs_raw_256']:.3f} of the raw step at N={HEADLINE_N}; "
+          f"WorldModelVectorEnv reaches {floor['batched_vs_floor_256']:.3f} of the floor")
     if batching_gain is not None:
         print(f"\ncontext: the MLP's own batching gain, raw steps/s at N={HEADLINE_N} / at N=1, is {batching_gain:.1f}")
     print(f"\nwall time {wall:.1f}s")
@@ -397,6 +408,7 @@ def main(args: Args) -> dict:
         "scale": scale,
         "mlp_episodes": episodes,
         "model_batching_gain_256_vs_1": batching_gain,
+        **floor,
         "settings": {
             "quick": args.quick, "repeats": args.repeats, "min_time": args.min_time, "threads": args.num_threads,
             "sizes": sizes, "sync_max_envs": args.sync_max_envs, "async_max_envs": args.async_max_envs,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from seed_stream import stream_next, stream_starts
 from world_model_env import WorldModelEnv, WorldModelVectorEnv
 
 
@@ -199,6 +200,48 @@ def raw_batched_case(model: MLPWorldModel, n: int, actions: np.ndarray, seed: in
             mlp_transition_batched(model, state, mlp_action_transform_batched(model, actions))
 
     return Case("raw", run, n)
+
+
+def floor_case(model: MLPWorldModel, n: int, actions: np.ndarray, seed: int, max_episode_steps: int) -> Case:
+    """`floor`: the least a batched env must add to the raw step, written inline for this model only: one action
+    check, fresh copies of the observations, rewards and flags, step counters and the time limit, the finished rows
+    restarted (NEXT_STEP, seeds from their streams, their transition cleared), one finiteness check. No adapter
+    validation, no pytrees, no function layers. `vec_numpy` / `floor` is what the env's generality costs;
+    `floor` / `raw` is the most any env could reach on this machine (the extra NumPy calls run right after the
+    model's matmuls, with cold caches, and cost several times their warm time)."""
+    state = mlp_reset_batched(model, seed=np.arange(seed, seed + n, dtype=np.int64))["state"]
+    carry = {"state": state, "steps": np.zeros(n, np.int64), "rows": np.zeros(0, np.int64), "done": None,
+             "streams": stream_starts(np.arange(seed, seed + n, dtype=np.int64))}
+
+    @torch.no_grad()
+    def run(iters: int) -> None:
+        for _ in range(iters):
+            if int(np.maximum.reduce(actions.view(np.uint64), axis=None)) >= model.num_actions:
+                raise ValueError("floor_case: action out of range")
+            out = mlp_transition_batched(model, carry["state"], mlp_action_transform_batched(model, actions))
+            state = out["state"]
+            obs = out["observation"].numpy().astype(np.float32)
+            reward = out["reward"].numpy().astype(np.float32)
+            terminated = out["terminated"].numpy().copy()
+            steps, rows, done = carry["steps"], carry["rows"], carry["done"]
+            steps += 1
+            if len(rows):
+                reward[done], terminated[done], steps[done] = 0.0, False, 0
+                seeds = []
+                for row in rows.tolist():
+                    carry["streams"][row], row_seed = stream_next(int(carry["streams"][row]))
+                    seeds.append(row_seed)
+                fresh = mlp_reset_batched(model, seed=np.array(seeds, dtype=np.int64))
+                obs[rows] = fresh["observation"].numpy()
+                state.numpy()[rows] = fresh["state"].numpy()
+            done = terminated | (steps >= max_episode_steps)
+            if not math.isfinite(float(np.add.reduce(reward)) + float(np.add.reduce(obs, axis=None))):
+                raise ValueError("floor_case: non-finite step")
+            carry["state"], carry["obs"], carry["done"] = state, obs, done
+            carry["rows"] = done.nonzero()[0]
+
+    run.carry = carry  # the tests compare it with WorldModelVectorEnv's trajectory
+    return Case("floor", run, n)
 
 
 def vector_case(name: str, envs, actions, seed: int) -> Case:

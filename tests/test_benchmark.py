@@ -34,9 +34,11 @@ def test_benchmark_cli_writes_headline_json(tmp_path):
         value = data[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
     for n in ("1", "256"):
-        for variant in ("raw", "vec_numpy", "vec_torch", "sync"):
+        for variant in ("raw", "floor", "vec_numpy", "vec_torch", "sync"):
             rate = data["steps_per_second"][n][variant]
             assert isinstance(rate, float) and math.isfinite(rate) and rate > 0, (n, variant, rate)
+    for key in ("floor_vs_raw_256", "batched_vs_floor_256"):  # context for batched_vs_raw_256, no target
+        assert isinstance(data[key], float) and math.isfinite(data[key]) and data[key] > 0, (key, data[key])
     assert data["steps_per_second"]["1"]["async"] > 0
     assert data["steps_per_second"]["256"]["async"].startswith("n/a")
     # the scale table (issue 20): the reference ensemble on the CPU, every figure a key
@@ -103,3 +105,24 @@ def test_mlp_adapters_batched_match_single():
 def test_mlp_episodes_end_by_termination_and_time_limit():
     stats = benchmark.episode_stats(benchmark.MLPWorldModel(), max_episode_steps=100, seed=0, n=16, steps=200)
     assert stats["terminations"] > 0 and stats["truncations"] > 0
+
+
+def test_floor_case_steps_like_the_vector_env():
+    """The floor is only a fair limit if it does the env's work: the same observations and states, autoresets
+    included, as WorldModelVectorEnv on the same model, seed and actions."""
+    model = benchmark.MLPWorldModel(seed=0)
+    n, limit = 64, 20
+    actions = np.random.default_rng(0).integers(0, model.num_actions, size=n, dtype=np.int64)
+    floor = benchmark.floor_case(model, n, actions, seed=3, max_episode_steps=limit)
+    envs = benchmark.make_mlp_vector_env(model, n, limit, seed=3, output="numpy")
+    envs.reset(seed=3)
+    restarted = 0
+    for _ in range(3 * limit):
+        obs, _, terminated, truncated, _ = envs.step(actions)
+        floor.run(1)
+        carry = floor.run.carry
+        np.testing.assert_array_equal(carry["obs"], obs)
+        np.testing.assert_array_equal(carry["state"].numpy(), envs.state.numpy())
+        np.testing.assert_array_equal(carry["done"], terminated | truncated)
+        restarted += int((terminated | truncated).sum())
+    assert restarted >= n  # every row ended at least once: the autoreset path ran
