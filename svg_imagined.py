@@ -107,6 +107,15 @@ class Args:
     """If toggled, the targets' bootstrap at the horizon is clipped to [1%, 99%] quantiles of the rollouts' soft
     rewards (r - alpha log pi) divided by 1 - gamma, the bounds tracked slowly (DHMBPO's bounded critics): a Q
     the imagined rewards cannot reach is not a target (off by default, see --model-noise)."""
+    scaled_critics: bool = False
+    """If toggled, the critics' outputs are read in units of the tracked bounds (as --bounded-critics tracks them):
+    Q = center + half-width * output, their last layer starting at zero, so every critic starts at the middle of
+    what the imagined rewards can reach and learns a scale-free correction (DHMBPO's scaled critics; off: the raw
+    output is Q)."""
+    critic_horizon: Optional[int] = None
+    """The critics regress the Q of the first this many states of each training rollout on their value expansions
+    (None: all --training-horizon of them; DHMBPO: 1, the start states only, each on its full --training-horizon
+    expansion, so the critics never learn on states the model alone chose)."""
     normalize_obs: bool = False
     """If toggled, the actor's and critics' inputs are standardised by the real observations' mean and std, set at
     the first update and at each refit (DHMBPO's input normalisation; the model keeps its own)."""
@@ -193,6 +202,14 @@ def critic_bounds(bounds, rewards, log_probs, alive, alpha, gamma):
     return new if bounds is None else bounds.lerp_(new, BOUND_RATE)
 
 
+def in_bound_units(q, bounds):
+    """DHMBPO's scaled critics: raw critic outputs q read as center + half-width * q of bounds (lower, upper);
+    bounds None (none tracked yet) leaves q as it is."""
+    if bounds is None:
+        return q
+    return 0.5 * (bounds[1] + bounds[0]) + 0.5 * (bounds[1] - bounds[0]) * q
+
+
 def evaluate_checkpoint(path):
     """Rebuilds a saved actor (and its run's world model) and replays its run's final evaluation."""
     payload = ru.load_agent(path)
@@ -226,13 +243,18 @@ def check_args(args):
         raise ru.ArgError("--model-noise", "a model whose differentiable_step takes sample=True (world_model.py)",
                           args.world_model, f"{type(model).__name__}.differentiable_step has no `sample`: "
                           "drop --model-noise (off by default) to step with its output as it is.")
+    if args.critic_horizon is not None and not 1 <= args.critic_horizon <= args.training_horizon:
+        raise ru.ArgError("--critic-horizon", f"a number from 1 to --training-horizon ({args.training_horizon}), or "
+                          "None for all of them", args.critic_horizon)
     if args.min_of_critics > args.num_critics:
         raise ru.ArgError("--min-of-critics", f"at most --num-critics ({args.num_critics})", args.min_of_critics)
     if not 0.0 <= args.gamma <= 1.0:
         raise ru.ArgError("--gamma", "a value in [0, 1]", args.gamma)
-    if args.bounded_critics and args.gamma == 1.0:
-        raise ru.ArgError("--gamma", "a value below 1 with --bounded-critics (the bounds divide by 1 - gamma)",
-                          args.gamma, "Drop --bounded-critics (off by default).")
+    for flag in ("bounded_critics", "scaled_critics"):
+        if getattr(args, flag) and args.gamma == 1.0:
+            flag = "--" + flag.replace("_", "-")
+            raise ru.ArgError("--gamma", f"a value below 1 with {flag} (the bounds divide by 1 - gamma)", args.gamma,
+                              f"Drop {flag} (off by default).")
     for name in ("halt_threshold", "eval_every"):
         if not getattr(args, name) >= 0:
             raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))
@@ -271,7 +293,10 @@ if __name__ == "__main__":
                                             args.normalize_obs).to(device)
         qf_target = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics,
                                       args.normalize_obs).to(device)
+        if args.scaled_critics:  # every critic starts at the bounds' center
+            torch.nn.init.zeros_(qf.weights[-1]), torch.nn.init.zeros_(qf.biases[-1])
         qf_target.load_state_dict(qf.state_dict())
+        critic_horizon = args.training_horizon if args.critic_horizon is None else args.critic_horizon
         q_params, q_target_params = list(qf.parameters()), list(qf_target.parameters())
         actor_params = list(actor.parameters())
         q_optimizer = optim.Adam(q_params, lr=args.q_lr, fused=True)
@@ -350,14 +375,17 @@ if __name__ == "__main__":
                 # critics: regress Q(s_t, a_t) on the soft value expansion, with a random subset's min at the horizon
                 with torch.no_grad():
                     subset = torch.as_tensor(train_rng.choice(args.num_critics, args.min_of_critics, replace=False))
-                    q_end = qf_target(b_obs[-1], b_actions[-1])[subset].min(0).values
-                    if args.bounded_critics:
+                    if args.bounded_critics or args.scaled_critics:
                         q_bounds = critic_bounds(q_bounds, rewards, log_probs, alive, alpha, args.gamma)
-                        if q_bounds is not None:
-                            q_end = q_end.clamp(q_bounds[0], q_bounds[1])
+                    units = q_bounds if args.scaled_critics else None
+                    q_end = in_bound_units(qf_target(b_obs[-1], b_actions[-1]), units)[subset].min(0).values
+                    if args.bounded_critics and q_bounds is not None:
+                        q_end = q_end.clamp(q_bounds[0], q_bounds[1])
                     _, q_targets = soft_value_expansion(rewards, log_probs, alive, q_end, alpha, args.gamma)
-                q_pred = qf(b_obs[:-1].detach().reshape(h * b, -1), b_actions[:-1].detach().reshape(h * b, -1))
-                q_errors = (q_pred.view(-1, h, b) - q_targets).pow(2) * alive[:-1]  # no loss on states after an end
+                k = critic_horizon
+                q_pred = in_bound_units(qf(b_obs[:k].detach().reshape(k * b, -1),
+                                           b_actions[:k].detach().reshape(k * b, -1)), units)
+                q_errors = (q_pred.view(-1, k, b) - q_targets[:k]).pow(2) * alive[:k]  # no loss on states after an end
                 qf_loss = q_errors.mean((1, 2)).sum()
                 q_optimizer.zero_grad()
                 qf_loss.backward()
@@ -368,7 +396,7 @@ if __name__ == "__main__":
                     continue
 
                 # actor: ascend V_0 of the same rollout, through its actions and model steps, the critics' mean at H
-                q_end = qf(b_obs[-1], b_actions[-1]).mean(0)
+                q_end = in_bound_units(qf(b_obs[-1], b_actions[-1]), units).mean(0)
                 v0, _ = soft_value_expansion(rewards, log_probs, alive, q_end, alpha, args.gamma)
                 actor_loss = -v0.mean()
                 # autograd.grad asks for the actor's gradients only: none is computed for the critics' or the

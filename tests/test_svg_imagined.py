@@ -161,6 +161,23 @@ def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_in
     assert "obs_mean" in payload["state_dicts"]["actor"]
 
 
+def test_in_bound_units_maps_outputs_onto_the_bounds():
+    q = torch.tensor([[-1.0, 0.0, 1.0]])
+    torch.testing.assert_close(svg.in_bound_units(q, torch.tensor([10.0, 30.0])), torch.tensor([[10.0, 20.0, 30.0]]))
+    assert svg.in_bound_units(q, None) is q  # no bounds tracked yet: the raw outputs
+
+
+def test_scaled_critics_and_start_state_critics(tmp_path, monkeypatch):
+    scope, summary = _run(tmp_path, monkeypatch, TINY + ["--scaled-critics", "--critic-horizon", "1"])
+    assert summary["status"] == "finished" and summary["updates"] == 50
+    lo, hi = scope["q_bounds"].tolist()  # tracked for the scale although --bounded-critics is off
+    assert lo < hi
+    # one regression input per start state; the predictions are in the bounds' units (the last layer was zeroed
+    # at the start, then learned)
+    assert scope["q_pred"].shape == (5, 16) and scope["k"] == 1
+    assert scope["qf"].weights[-1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--env-id", "CartPole-v1"], "ppo_imagined.py or dqn_imagined.py"),
     (["--world-model", "none"], "sac_imagined.py --world-model none"),
@@ -168,6 +185,8 @@ def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_in
     (["--min-of-critics", "6"], "--min-of-critics"),
     (["--training-horizon", "0"], "--training-horizon"),
     (["--gamma", "1.0", "--bounded-critics"], "Drop --bounded-critics"),
+    (["--gamma", "1.0", "--scaled-critics"], "Drop --scaled-critics"),
+    (["--critic-horizon", "6"], "--critic-horizon"),
     (["--world-model", "mean_only.py:make", "--model-noise"], "drop --model-noise"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
