@@ -167,16 +167,23 @@ def normalized(net, x):
     return (x - net.obs_mean) / net.obs_std if net.normalize_obs else x
 
 
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
+
+
 class SoftQNetworks(nn.Module):
     """The twin soft Q-networks of clipped double Q as one module: each layer holds both critics' weights in one
     (2, in, out) tensor and runs them in one batched matmul (`baddbmm`). The same networks as two `nn.Linear` MLPs
     (the same init), in half the ops: a CPU update is bound by the number of ops, not their FLOPs.
-    forward(obs, actions) -> (2, B)."""
+    hidden_layers, activation, layer_norm and dropout give DHMBPO's critics (3, "silu", True, 1e-3): a layer norm
+    without affine weights on the input of every layer after the first, dropout after every hidden matmul.
+    forward(obs, actions) -> (num_q, B)."""
 
-    def __init__(self, obs_dim, act_dim, hidden_size=256, num_q=2, normalize_obs=False):
+    def __init__(self, obs_dim, act_dim, hidden_size=256, num_q=2, normalize_obs=False, hidden_layers=2,
+                 activation="relu", layer_norm=False, dropout=0.0):
         super().__init__()
         add_obs_stats(self, obs_dim, normalize_obs)
-        sizes = [obs_dim + act_dim, hidden_size, hidden_size, 1]
+        self.activation, self.layer_norm, self.dropout = ACTIVATIONS[activation], layer_norm, dropout
+        sizes = [obs_dim + act_dim] + [hidden_size] * hidden_layers + [1]
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_q, i, o)) for i, o in zip(sizes, sizes[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_q, 1, o)) for o in sizes[1:])
         for w, b in zip(self.weights, self.biases):  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -188,9 +195,13 @@ class SoftQNetworks(nn.Module):
         x = normalized(self, x)
         h = torch.cat([x, a], 1).expand(len(self.weights[0]), -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if self.layer_norm and i > 0:
+                h = F.layer_norm(h, h.shape[-1:], eps=1e-5)
             h = torch.baddbmm(b, h, w)
             if i < len(self.weights) - 1:
-                h = F.relu(h)
+                if self.dropout > 0:
+                    h = F.dropout(h, self.dropout, self.training)
+                h = self.activation(h)
         return h.squeeze(-1)
 
 
@@ -201,12 +212,15 @@ HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 class Actor(nn.Module):
     """A tanh-squashed Gaussian policy whose actions are rescaled to the bounds of the Box action space."""
 
-    def __init__(self, obs_dim, action_space, hidden_size=256, normalize_obs=False):
+    def __init__(self, obs_dim, action_space, hidden_size=256, normalize_obs=False, hidden_layers=2, activation="relu"):
         super().__init__()
         add_obs_stats(self, obs_dim, normalize_obs)
         act_dim = int(np.prod(action_space.shape))
+        self.activation = ACTIVATIONS[activation]
         self.fc1 = nn.Linear(obs_dim, hidden_size)
         self.fc2 = nn.Linear(hidden_size, hidden_size)
+        # layers past the second in their own list, so a 2-layer actor's state dict keeps its keys
+        self.fc_deeper = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(hidden_layers - 2))
         self.fc_mean = nn.Linear(hidden_size, act_dim)
         self.fc_logstd = nn.Linear(hidden_size, act_dim)
         high, low = np.asarray(action_space.high, np.float32), np.asarray(action_space.low, np.float32)
@@ -215,12 +229,21 @@ class Actor(nn.Module):
 
     def forward(self, x):
         x = normalized(self, x)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
+        x = self.activation(self.fc1(x))
+        x = self.activation(self.fc2(x))
+        for layer in self.fc_deeper:
+            x = self.activation(layer(x))
         mean = self.fc_mean(x)
         log_std = torch.tanh(self.fc_logstd(x))
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # from [-1, 1] to [MIN, MAX]
         return mean, log_std
+
+    @classmethod
+    def from_run_args(cls, run_args, obs_dim, action_space):
+        """The actor a run with these args (a saved agent's "args") built: the flags an older run lacks at their
+        defaults."""
+        return cls(obs_dim, action_space, run_args["hidden_size"], run_args.get("normalize_obs", False),
+                   run_args.get("hidden_layers", 2), run_args.get("activation", "relu"))
 
     def get_action(self, x):
         """Returns a sampled action (reparameterised), its log-probability (B,) and the deterministic action."""
@@ -305,7 +328,7 @@ def evaluate_checkpoint(path):
     model = dyna.agent_world_model(payload, path)
     real_obs_space, act_space, _ = ru.real_env_spaces(payload["args"]["env_id"], f"{TAG}.py", actions=("Box",))
     obs_space = model.observation_space if model is not None else real_obs_space
-    actor = Actor(obs_space.shape[0], act_space, payload["args"]["hidden_size"])
+    actor = Actor.from_run_args(payload["args"], obs_space.shape[0], act_space)
     actor.load_state_dict(payload["state_dicts"]["actor"])
     return dyna.replay_final_evaluation(TAG, path, policy_fn(actor, "cpu", True), model)
 

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -120,8 +120,18 @@ class Args:
     """If toggled, the actor's and critics' inputs are standardised by the real observations' mean and std, set at
     the first update and at each refit (DHMBPO's input normalisation; the model keeps its own)."""
     hidden_size: int = 128
-    """The width of the actor's and critics' two hidden layers (DHMBPO: a 3x256 actor and 2x512 critics, sized for a
-    GPU; sac_imagined.py's 128 here: five 256-wide critics made an update's critic step 3.3x slower on the CPU)."""
+    """The width of the actor's and critics' hidden layers (DHMBPO: 256, sized for a GPU; sac_imagined.py's 128
+    here: five 256-wide critics made an update's critic step 3.3x slower on the CPU)."""
+    hidden_layers: int = 2
+    """The number of hidden layers of the actor and of each critic (DHMBPO: 3)."""
+    activation: Literal["relu", "silu"] = "relu"
+    """The activation of the actor's and critics' hidden layers (DHMBPO: silu)."""
+    critic_layer_norm: bool = False
+    """If toggled, the input of every critic layer after the first is layer-normalised, without affine weights
+    (DHMBPO's critics)."""
+    critic_dropout: float = 0.0
+    """The dropout rate after every hidden layer of the critics, in their targets and the actor's loss as well
+    (DHMBPO: 1e-3; 0: none)."""
     gamma: float = 0.99
     """The discount factor gamma."""
     tau: float = 0.005
@@ -215,8 +225,7 @@ def evaluate_checkpoint(path):
     payload = ru.load_agent(path)
     model = dyna.agent_world_model(payload, path)
     _, act_space, _ = ru.real_env_spaces(payload["args"]["env_id"], f"{TAG}.py", actions=("Box",))
-    actor = sac.Actor(model.observation_space.shape[0], act_space, payload["args"]["hidden_size"],
-                      payload["args"].get("normalize_obs", False))
+    actor = sac.Actor.from_run_args(payload["args"], model.observation_space.shape[0], act_space)
     actor.load_state_dict(payload["state_dicts"]["actor"])
     return dyna.replay_final_evaluation(TAG, path, sac.policy_fn(actor, "cpu", True), model)
 
@@ -246,6 +255,10 @@ def check_args(args):
     if args.critic_horizon is not None and not 1 <= args.critic_horizon <= args.training_horizon:
         raise ru.ArgError("--critic-horizon", f"a number from 1 to --training-horizon ({args.training_horizon}), or "
                           "None for all of them", args.critic_horizon)
+    if args.hidden_layers < 2:
+        raise ru.ArgError("--hidden-layers", "2 or more (the actor's first two are fc1 and fc2)", args.hidden_layers)
+    if not 0.0 <= args.critic_dropout < 1.0:
+        raise ru.ArgError("--critic-dropout", "a rate in [0, 1) (0: no dropout)", args.critic_dropout)
     if args.min_of_critics > args.num_critics:
         raise ru.ArgError("--min-of-critics", f"at most --num-critics ({args.num_critics})", args.min_of_critics)
     if not 0.0 <= args.gamma <= 1.0:
@@ -288,11 +301,11 @@ if __name__ == "__main__":
         data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print(f"[{TAG}]", s))
         figures, timings, writer = run.figures, run.timings, run.writer
         obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
-        actor = nets["actor"] = sac.Actor(obs_dim, act_space, args.hidden_size, args.normalize_obs).to(device)
-        qf = nets["qf"] = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics,
-                                            args.normalize_obs).to(device)
-        qf_target = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, args.num_critics,
-                                      args.normalize_obs).to(device)
+        actor = nets["actor"] = sac.Actor.from_run_args(vars(args), obs_dim, act_space).to(device)
+        critic_shape = dict(num_q=args.num_critics, normalize_obs=args.normalize_obs, hidden_layers=args.hidden_layers,
+                            activation=args.activation, layer_norm=args.critic_layer_norm, dropout=args.critic_dropout)
+        qf = nets["qf"] = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, **critic_shape).to(device)
+        qf_target = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, **critic_shape).to(device)
         if args.scaled_critics:  # every critic starts at the bounds' center
             torch.nn.init.zeros_(qf.weights[-1]), torch.nn.init.zeros_(qf.biases[-1])
         qf_target.load_state_dict(qf.state_dict())

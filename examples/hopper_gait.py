@@ -33,8 +33,7 @@ def gait(agent_path, episodes=5, first_seed=10_000):
     env = gym.make("Hopper-v5")
     model, data = env.unwrapped.model, env.unwrapped.data
     floor = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "floor")
-    actor = Actor(env.observation_space.shape[0], env.action_space, payload["args"]["hidden_size"],
-                  payload["args"].get("normalize_obs", False))  # svg_imagined.py --normalize-obs keeps input stats
+    actor = Actor.from_run_args(payload["args"], env.observation_space.shape[0], env.action_space)
     actor.load_state_dict(payload["state_dicts"]["actor"])
     act = policy_fn(actor, "cpu", deterministic=True)  # as the evaluations act
     rows = []

@@ -178,6 +178,56 @@ def test_scaled_critics_and_start_state_critics(tmp_path, monkeypatch):
     assert scope["qf"].weights[-1].abs().sum() > 0
 
 
+def test_dhmbpo_critics_layer_norm_dropout_and_depth():
+    torch.manual_seed(0)
+    obs, act = torch.randn(32, 5), torch.randn(32, 2)
+    plain = sac.SoftQNetworks(5, 2, hidden_size=16, num_q=3, hidden_layers=3)
+    normed = sac.SoftQNetworks(5, 2, hidden_size=16, num_q=3, hidden_layers=3, layer_norm=True)
+    assert [tuple(w.shape) for w in normed.weights] == [(3, 7, 16), (3, 16, 16), (3, 16, 16), (3, 16, 1)]
+    # ReLU is positively homogeneous: scaling the first layer scales its outputs, which the next layer's norm undoes
+    for net in (plain, normed):
+        before = net(obs, act)
+        with torch.no_grad():
+            net.weights[0].mul_(10.0), net.biases[0].mul_(10.0)
+        after = net(obs, act)
+        assert after.shape == (3, 32)
+        assert torch.allclose(before, after, atol=1e-3) == (net is normed)  # up to the norm's eps
+    dropped = sac.SoftQNetworks(5, 2, hidden_size=64, num_q=2, dropout=0.5, activation="silu")
+    assert not torch.equal(dropped(obs, act), dropped(obs, act))  # training mode: a fresh mask each call
+    dropped.eval()
+    assert torch.equal(dropped(obs, act), dropped(obs, act))
+
+
+def test_deeper_actor_keeps_a_two_layer_actors_keys_and_rebuilds_from_run_args():
+    space = gym.spaces.Box(-1.0, 1.0, (2,))
+    two = sac.Actor(4, space, hidden_size=8)
+    assert not any(k.startswith("fc_deeper") for k in two.state_dict())  # older agent.pt files still load
+    old_run_args = {"hidden_size": 8}  # a run from before --hidden-layers and --activation
+    sac.Actor.from_run_args(old_run_args, 4, space).load_state_dict(two.state_dict())
+    deep = sac.Actor.from_run_args({"hidden_size": 8, "hidden_layers": 4, "activation": "silu"}, 4, space)
+    assert len(deep.fc_deeper) == 2 and deep.activation is torch.nn.functional.silu
+    action, log_prob, mean_action = deep.get_action(torch.randn(6, 4))
+    assert action.shape == mean_action.shape == (6, 2) and log_prob.shape == (6,)
+    with pytest.raises(RuntimeError):
+        deep.load_state_dict(two.state_dict())  # the shape is the run's, not a guess
+
+
+def test_dhmbpo_networks_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
+    scope, summary = _run(tmp_path, monkeypatch, TINY + ["--hidden-layers", "3", "--activation", "silu",
+                                                        "--critic-layer-norm", "--critic-dropout", "1e-3"])
+    assert summary["status"] == "finished" and summary["updates"] == 50
+    qf, qf_target, actor = scope["qf"], scope["qf_target"], scope["actor"]
+    for net in (qf, qf_target):
+        assert len(net.weights) == 4 and net.layer_norm and net.dropout == 1e-3
+    assert len(actor.fc_deeper) == 1 and actor.activation is torch.nn.functional.silu
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--eval-checkpoint", summary["agent_path"]])
+    with pytest.raises(SystemExit) as exit_info:  # the replay rebuilds the 3-layer SiLU actor from the saved args
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert exit_info.value.code == 0
+    assert f"real return {summary['real_return_mean']:.1f} " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--env-id", "CartPole-v1"], "ppo_imagined.py or dqn_imagined.py"),
     (["--world-model", "none"], "sac_imagined.py --world-model none"),
@@ -187,6 +237,8 @@ def test_scaled_critics_and_start_state_critics(tmp_path, monkeypatch):
     (["--gamma", "1.0", "--bounded-critics"], "Drop --bounded-critics"),
     (["--gamma", "1.0", "--scaled-critics"], "Drop --scaled-critics"),
     (["--critic-horizon", "6"], "--critic-horizon"),
+    (["--hidden-layers", "1"], "--hidden-layers"),
+    (["--critic-dropout", "1.0"], "--critic-dropout"),
     (["--world-model", "mean_only.py:make", "--model-noise"], "drop --model-noise"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
