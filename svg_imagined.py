@@ -18,9 +18,10 @@
 #   bonuses of the steps, then the target critics at the horizon, a bootstrapped truncation); the actor ascends the
 #   same expansion, its gradient flowing through the model's steps (SVG(H)). A termination ends a row's sum.
 # Amos et al. 2021 (SAC-SVG(H)), Feinberg et al. 2018 (MVE), Janner et al. 2019 (MBPO), Kubo et al. (DHMBPO, arXiv
-# 2512.15439), whose released settings are the defaults here but the network widths (see --hidden-size) and four
-# pieces that are flags, off by default because they did not help here (--model-noise, --bounded-critics,
-# --normalize-obs, --critic-updates-after-refit; README).
+# 2512.15439), whose released settings are the defaults here but its networks (--hidden-size, --hidden-layers,
+# --activation, --critic-layer-norm, --critic-dropout) and six pieces, all flags off by default, the first four
+# because they did not help with MBPO's model (--model-noise, --bounded-critics, --normalize-obs,
+# --critic-updates-after-refit, --scaled-critics, --critic-horizon; README).
 import inspect
 import os
 import sys
