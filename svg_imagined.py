@@ -96,7 +96,11 @@ class Args:
     critic_updates_after_refit: int = 0
     """After each refit, the start-state buffer is emptied (its states came from the old model), refilled by one
     batch of distribution rollouts, and the critics take this many updates alone before the actor moves again
-    (DHMBPO: a quarter of the real steps between its model updates, 62 at --refit-every 250; 0: neither)."""
+    (DHMBPO: a quarter of the real steps between its model updates, 250 at its refit every 1,000; 0: neither)."""
+    warm_start: bool = False
+    """If toggled, the first update is a burst of one update (times --utd-ratio) per real step collected so far,
+    the distribution rollouts renewed every --model-rollout-every of them, before the policy first acts (DHMBPO's
+    warm_start: 5,000 updates after its 5,000 random steps; off: one update per real step from the first)."""
 
     # SAC (CleanRL names)
     num_critics: int = 5
@@ -335,6 +339,18 @@ if __name__ == "__main__":
         evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target, model)
         train_rng = np.random.default_rng(args.seed + 2)
 
+        def distribution_rollouts(seed):
+            """One batch of detached branched rollouts from real states, their visited states into start_rb."""
+            t0 = time.time()
+            starts = rb.obs[rb.rng.integers(0, rb.size, size=args.rollout_batch_size)]
+            imagined = sac.branched_rollouts(imagined_envs, explore, starts, seed, args.imagined_horizon)
+            start_rb.add(*imagined.values())
+            figures["imagined_steps"] += len(imagined["obs"])
+            figures["rollout_batches"] += 1
+            timings["rollout_seconds"] += time.time() - t0
+            writer.add_scalar("world_model/rollout_transitions", len(imagined["obs"]), global_step)
+            writer.add_scalar("world_model/rollout_terminated_fraction", imagined["terminated"].mean(), global_step)
+
         collected = figures["real_env_steps"] if args.world_model_path is None else 0
         since_refit, since_rollout, num_updates = 0, 0, 0
         timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
@@ -361,25 +377,23 @@ if __name__ == "__main__":
                     start_rb.clear()
             if args.normalize_obs and (refitted or num_updates == 0):
                 sac.set_obs_stats(rb.obs[:rb.size], actor, qf, qf_target)
-            if start_rb.size == 0 or since_rollout >= args.model_rollout_every:  # distribution rollouts, detached
-                t0 = time.time()
-                starts = rb.obs[rb.rng.integers(0, rb.size, size=args.rollout_batch_size)]
-                imagined = sac.branched_rollouts(imagined_envs, explore, starts, args.seed * 1_000_003 + global_step,
-                                                 args.imagined_horizon)
-                start_rb.add(*imagined.values())
-                figures["imagined_steps"] += len(imagined["obs"])
-                figures["rollout_batches"] += 1
+            if start_rb.size == 0 or since_rollout >= args.model_rollout_every:
+                distribution_rollouts(args.seed * 1_000_003 + global_step)
                 since_rollout = 0
-                timings["rollout_seconds"] += time.time() - t0
-                writer.add_scalar("world_model/rollout_transitions", len(imagined["obs"]), global_step)
-                writer.add_scalar("world_model/rollout_terminated_fraction", imagined["terminated"].mean(), global_step)
 
-            t0 = time.time()
+            t0, rollout_seconds = time.time(), timings["rollout_seconds"]
             critic_only = args.critic_updates_after_refit if refitted else 0
             figures["critic_only_updates"] += critic_only
-            for update in range(critic_only + args.utd_ratio):
+            # the first step's own updates and the burst: one (times --utd-ratio) per real step collected so far
+            warm = (rb.size - 1) * args.utd_ratio if args.warm_start and num_updates == 0 else 0
+            figures["warm_start_updates"] = figures.get("warm_start_updates", 0) + warm
+            for update in range(critic_only + warm + args.utd_ratio):
                 num_updates += 1
                 actor_moves = update >= critic_only
+                burst = update - critic_only
+                if warm and 0 < burst < warm and burst % (args.model_rollout_every * args.utd_ratio) == 0:
+                    # fresh starts from the actor the burst has trained so far, as one per real step would have
+                    distribution_rollouts(int(np.random.SeedSequence([args.seed, global_step, burst]).generate_state(1)[0]))
                 start_obs = start_rb.sample(args.batch_size, device)[0]
                 with torch.enable_grad() if actor_moves else torch.no_grad():  # a critic-only update needs no graph
                     b_obs, b_actions, log_probs, rewards, alive = training_rollout(
@@ -425,7 +439,7 @@ if __name__ == "__main__":
                     alpha_optimizer.step()
                     alpha = log_alpha.exp().item()
             figures["updates"] = num_updates
-            timings["train_seconds"] += time.time() - t0
+            timings["train_seconds"] += time.time() - t0 - (timings["rollout_seconds"] - rollout_seconds)
 
             sps = int((step + 1) / (time.time() - loop_start))
             if step % 100 == 0:

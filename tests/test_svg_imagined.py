@@ -161,6 +161,14 @@ def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_in
     assert "obs_mean" in payload["state_dicts"]["actor"]
 
 
+def test_warm_start_bursts_one_update_per_random_step_with_fresh_rollouts(tmp_path, monkeypatch):
+    _, summary = _run(tmp_path, monkeypatch, TINY + ["--warm-start"])
+    assert summary["status"] == "finished" and summary["warm_start_updates"] == 250  # with the first step's own: 251
+    assert summary["updates"] == 50 + 250  # TINY's 50 (test_run_end_to_end_and_eval_checkpoint) and the burst
+    # the burst renews the start states every --model-rollout-every updates (at 20, 40, ..., 240) on top of TINY's 3
+    assert summary["rollout_batches"] == 3 + 12
+
+
 def test_in_bound_units_maps_outputs_onto_the_bounds():
     q = torch.tensor([[-1.0, 0.0, 1.0]])
     torch.testing.assert_close(svg.in_bound_units(q, torch.tensor([10.0, 30.0])), torch.tensor([[10.0, 20.0, 30.0]]))
