@@ -19,9 +19,10 @@
 #   same expansion, its gradient flowing through the model's steps (SVG(H)). A termination ends a row's sum.
 # Amos et al. 2021 (SAC-SVG(H)), Feinberg et al. 2018 (MVE), Janner et al. 2019 (MBPO), Kubo et al. (DHMBPO, arXiv
 # 2512.15439), whose released settings are the defaults here but its networks (--hidden-size, --hidden-layers,
-# --activation, --critic-layer-norm, --critic-dropout) and six pieces, all flags off by default, the first four
-# because they did not help with MBPO's model (--model-noise, --bounded-critics, --normalize-obs,
-# --critic-updates-after-refit, --scaled-critics, --critic-horizon; README).
+# --activation, --critic-layer-norm, --critic-dropout), its MuJoCo schedule (--initial-real-steps 5000, --refit-every
+# 1000, --warm-start) and six pieces, all flags off by default, the first four because they did not help with MBPO's
+# model (--model-noise, --bounded-critics, --normalize-obs, --critic-updates-after-refit, --scaled-critics,
+# --critic-horizon; README).
 import inspect
 import os
 import sys
@@ -354,7 +355,7 @@ if __name__ == "__main__":
         collected = figures["real_env_steps"] if args.world_model_path is None else 0
         since_refit, since_rollout, num_updates = 0, 0, 0
         timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
-        figures["critic_only_updates"] = 0
+        figures["critic_only_updates"] = figures["warm_start_updates"] = 0
         global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
         drawn_after, q_bounds = None, None
         loop_start, loop_steps = time.time(), args.total_timesteps - collected
@@ -386,7 +387,9 @@ if __name__ == "__main__":
             figures["critic_only_updates"] += critic_only
             # the first step's own updates and the burst: one (times --utd-ratio) per real step collected so far
             warm = (rb.size - 1) * args.utd_ratio if args.warm_start and num_updates == 0 else 0
-            figures["warm_start_updates"] = figures.get("warm_start_updates", 0) + warm
+            if warm:
+                figures["warm_start_updates"] = warm
+                print(f"[{TAG}] warm start: {warm:,} updates before the policy acts (minutes for MuJoCo)")
             for update in range(critic_only + warm + args.utd_ratio):
                 num_updates += 1
                 actor_moves = update >= critic_only
