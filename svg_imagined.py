@@ -285,7 +285,8 @@ def check_args(args):
         raise ru.ArgError("--total-timesteps", f"more than --initial-real-steps ({args.initial_real_steps})",
                           args.total_timesteps, "The first ones are random steps for the world model.")
     obs_space = ru.check_policy_observations(model.observation_space, f"{TAG}.py", args.env_id, args.world_model)
-    print(f"[{TAG}] {args.total_timesteps * args.utd_ratio:,} updates through {args.training_horizon}-step model "
+    updates = (args.total_timesteps - (0 if args.warm_start else args.initial_real_steps)) * args.utd_ratio
+    print(f"[{TAG}] about {updates:,} updates through {args.training_horizon}-step model "
           "rollouts: minutes on a CPU for Pendulum, about two hours for MuJoCo at 20,000 steps", flush=True)
     return device, model, obs_space, act_space, reward_threshold
 
