@@ -363,7 +363,8 @@ def check_args(args):
     obs_space = ru.check_policy_observations(model.observation_space if model is not None else real_obs_space,
                                              f"{TAG}.py", args.env_id, args.world_model)
     # the updates cost most of a run (Pendulum's defaults: ~200 s on a quiet 2-core CPU): say so before they start
-    print(f"[{TAG}] {args.total_timesteps * args.utd_ratio:,} SAC updates: minutes on a CPU", flush=True)
+    print(f"[{TAG}] up to {args.total_timesteps * args.utd_ratio:,} SAC updates: minutes on a CPU for Pendulum, 20-60 "
+          "minutes for MuJoCo at 20,000 steps", flush=True)
     return device, model, obs_space, act_space, reward_threshold, fits_here
 
 
