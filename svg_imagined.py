@@ -395,9 +395,10 @@ if __name__ == "__main__":
                 num_updates += 1
                 actor_moves = update >= critic_only
                 burst = update - critic_only
-                if warm and 0 < burst < warm and burst % (args.model_rollout_every * args.utd_ratio) == 0:
+                if 0 < burst < warm and burst % (args.model_rollout_every * args.utd_ratio) == 0:
                     # fresh starts from the actor the burst has trained so far, as one per real step would have
-                    distribution_rollouts(int(np.random.SeedSequence([args.seed, global_step, burst]).generate_state(1)[0]))
+                    seed = np.random.SeedSequence([args.seed, global_step, burst]).generate_state(1)[0]
+                    distribution_rollouts(int(seed))
                 start_obs = start_rb.sample(args.batch_size, device)[0]
                 with torch.enable_grad() if actor_moves else torch.no_grad():  # a critic-only update needs no graph
                     b_obs, b_actions, log_probs, rewards, alive = training_rollout(
