@@ -81,7 +81,7 @@ class EnsembleWorldModel(nn.Module):
     """
 
     def __init__(self, observation_space, action_space, *, ensemble_size=5, hidden_size=128, num_layers=3,
-                 num_elites=None, env_id=None, max_episode_steps=None):
+                 num_elites=None, homoscedastic=False, env_id=None, max_episode_steps=None):
         super().__init__()
         check_spaces_supported(observation_space, action_space, "EnsembleWorldModel")
         self.observation_space = observation_space
@@ -91,6 +91,7 @@ class EnsembleWorldModel(nn.Module):
         self.ensemble_size = ensemble_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
+        self.homoscedastic = bool(homoscedastic)
         self.num_elites = ensemble_size if num_elites is None else num_elites
         if not 1 <= self.num_elites <= ensemble_size:
             raise ValueError(f"EnsembleWorldModel: num_elites must be in [1, ensemble_size={ensemble_size}], "
@@ -106,7 +107,12 @@ class EnsembleWorldModel(nn.Module):
             layers.append(EnsembleLinear(ensemble_size, d, hidden_size))
             d = hidden_size
         self.hidden = nn.ModuleList(layers)
-        self.head = EnsembleLinear(ensemble_size, d, 2 * self.out_dim)
+        # homoscedastic (DHMBPO's network): the head gives means only and each member learns one noise level per
+        # output, so a sample's noise does not depend on (obs, action) and a gradient through it has no variance
+        # term to follow; heteroscedastic (MBPO's, the default): the head also gives a log-variance per input
+        self.head = EnsembleLinear(ensemble_size, d, (1 if self.homoscedastic else 2) * self.out_dim)
+        if self.homoscedastic:
+            self.noise_log_std = nn.Parameter(torch.zeros(ensemble_size, 1, self.out_dim))
         term_hidden = max(32, hidden_size // 2)
         self.term_net = nn.ModuleList([
             EnsembleLinear(ensemble_size, self.in_dim + self.obs_dim, term_hidden),
@@ -143,7 +149,7 @@ class EnsembleWorldModel(nn.Module):
 
     def config(self):
         return {"ensemble_size": self.ensemble_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "num_elites": self.num_elites}
+                "num_elites": self.num_elites, "homoscedastic": self.homoscedastic}
 
     # ---- normalisation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -212,11 +218,17 @@ class EnsembleWorldModel(nn.Module):
         h = x_norm
         for layer in self.hidden:
             h = F.silu(layer(h))
-        out = self.head(h)
-        mean, logvar = out[..., : self.out_dim], out[..., self.out_dim:]
+        return self._mean_logvar(self.head(h), self.noise_log_std if self.homoscedastic else None)
+
+    def _mean_logvar(self, out, noise_log_std):
+        """The head's output -> mean, log-variance inside the soft bounds (noise_log_std: the members' fixed noise,
+        broadcast over the rows, for a homoscedastic model; None: the head's second half)."""
+        if noise_log_std is None:
+            mean, logvar = out[..., : self.out_dim], out[..., self.out_dim:]
+        else:
+            mean, logvar = out, (2.0 * noise_log_std).expand_as(out)
         logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
-        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
-        return mean, logvar
+        return mean, self.min_logvar + F.softplus(logvar - self.min_logvar)
 
     def termination_logits(self, x_norm, next_obs):
         """x_norm (B,in) or (E,B,in), next_obs (B,obs_dim) or (E,B,obs_dim) raw -> termination logits (E,B)."""
@@ -313,9 +325,7 @@ class EnsembleWorldModel(nn.Module):
         for layer in self.hidden:
             h = F.silu(torch.addmm(layer.bias[e], h, layer.weight[e]))
         out = torch.addmm(self.head.bias[e], h, self.head.weight[e])
-        mean, logvar = out[:, : self.out_dim], out[:, self.out_dim:]
-        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
-        return mean, self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return self._mean_logvar(out, self.noise_log_std[e] if self.homoscedastic else None)
 
     def _member_termination(self, e, x, next_obs):
         """Member e's termination logit on its rows (see `termination_logits`): (n,)."""

@@ -63,3 +63,11 @@ def ensemble_model(env_id, seed=0, device="cpu"):
 def dhmbpo_ensemble(env_id, seed=0, device="cpu"):
     """DHMBPO's network size (`--world-model dhmbpo-ensemble`) with the env's known termination rule."""
     return ensemble.dhmbpo_ensemble(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id))
+
+
+def dhmbpo_homoscedastic(env_id, seed=0, device="cpu"):
+    """`dhmbpo_ensemble` with DHMBPO's noise model as well: each member learns one noise level per output, so
+    svg_imagined.py's --model-noise gradients do not pass through a noise that depends on the state and action."""
+    return ensemble.dhmbpo_ensemble(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id),
+                                    homoscedastic=True)
+
