@@ -88,6 +88,35 @@ def test_sampled_differentiable_step_is_reparameterised(pendulum_model):
     assert 0.0 < z.std().item() < 10.0
 
 
+def test_homoscedastic_noise_is_one_level_per_member_and_output(tmp_path):
+    torch.set_num_threads(1)
+    model = ensemble.EnsembleModel("Pendulum-v1", seed=0, ensemble_size=3, hidden_size=32, homoscedastic=True)
+    model.fit(real_env.collect_transitions("Pendulum-v1", 300, seed=0), seed=0, refit_passes=2)
+    net = model.net
+    assert net.head.weight.shape[-1] == net.out_dim  # the head gives means only
+    obs = torch.as_tensor(model.data.obs[:64], dtype=torch.float32)
+    action = torch.as_tensor(model.data.actions[:64], dtype=torch.float32).requires_grad_(True)
+    # the same log-variance on every row of a member, learned by the fit (it starts at 0)
+    _, logvar = net(net.model_input(obs, action.detach()))
+    assert logvar.shape == (3, 64, net.out_dim) and torch.equal(logvar, logvar[:, :1].expand_as(logvar))
+    assert not torch.equal(net.noise_log_std, torch.zeros_like(net.noise_log_std))
+    # a sample's gradient is its mean's: the noise does not depend on the action (row 0 of member 0's noise is
+    # the same whatever the action)
+    members = torch.zeros(64, dtype=torch.long)
+    mean_obs = net.predict_with_grad(obs, action, members)[0]
+    torch.manual_seed(0)
+    sampled = net.predict_with_grad(obs, action, members, sample=True)[0]
+    grad_mean, = torch.autograd.grad(mean_obs.sum(), action)
+    grad_sampled, = torch.autograd.grad(sampled.sum(), action)
+    inside = ((sampled > net.obs_clip_low) & (sampled < net.obs_clip_high)).all(1)  # a clip cuts the gradient
+    torch.testing.assert_close(grad_sampled[inside], grad_mean[inside])
+    # the checkpoint keeps the noise model
+    path = tmp_path / "wm.pt"
+    model.save(path)
+    loaded = ensemble.EnsembleModel("Pendulum-v1").load(path).net
+    assert loaded.homoscedastic and torch.equal(loaded.noise_log_std, net.noise_log_std)
+
+
 def test_critic_bounds_are_the_soft_reward_quantiles_over_one_minus_gamma():
     rewards = torch.arange(100.0).view(1, 100)  # (H=1, B=100): soft rewards 0..99 with alpha 0
     log_probs, alive = torch.zeros(2, 100), torch.ones(2, 100)

@@ -399,9 +399,9 @@ def test_mbpo_ensemble_has_mbpos_sizes():
     import world_model
 
     model = world_model.make("mbpo-ensemble", env_id="Pendulum-v1", seed=0)
-    assert model.sizes == dict(ensemble_size=7, hidden_size=200, num_layers=4, num_elites=5)
+    assert model.sizes == dict(ensemble_size=7, hidden_size=200, num_layers=4, num_elites=5, homoscedastic=False)
     model = world_model.make("dhmbpo-ensemble", env_id="Pendulum-v1", seed=0)
-    assert model.sizes == dict(ensemble_size=8, hidden_size=256, num_layers=4, num_elites=8)
+    assert model.sizes == dict(ensemble_size=8, hidden_size=256, num_layers=4, num_elites=8, homoscedastic=False)
 
 
 def test_evaluate_in_real_env_is_deterministic():
