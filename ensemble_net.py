@@ -91,7 +91,9 @@ class EnsembleWorldModel(nn.Module):
         self.ensemble_size = ensemble_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
-        self.homoscedastic = bool(homoscedastic)
+        if not isinstance(homoscedastic, bool):
+            raise ValueError(f"EnsembleWorldModel: homoscedastic must be True or False, got {homoscedastic!r}")
+        self.homoscedastic = homoscedastic
         self.num_elites = ensemble_size if num_elites is None else num_elites
         if not 1 <= self.num_elites <= ensemble_size:
             raise ValueError(f"EnsembleWorldModel: num_elites must be in [1, ensemble_size={ensemble_size}], "
