@@ -227,10 +227,10 @@ class EnsembleWorldModel(nn.Module):
         broadcast over the rows, for a homoscedastic model; None: the head's second half)."""
         if noise_log_std is None:
             mean, logvar = out[..., : self.out_dim], out[..., self.out_dim:]
-        else:
-            mean, logvar = out, (2.0 * noise_log_std).expand_as(out)
+        else:  # bounded once per member, then broadcast: no per-row softplus
+            mean, logvar = out, 2.0 * noise_log_std
         logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
-        return mean, self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, (self.min_logvar + F.softplus(logvar - self.min_logvar)).expand_as(mean)
 
     def termination_logits(self, x_norm, next_obs):
         """x_norm (B,in) or (E,B,in), next_obs (B,obs_dim) or (E,B,obs_dim) raw -> termination logits (E,B)."""
