@@ -120,7 +120,7 @@ def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
 
 
 def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size=128, num_layers=3,
-                    num_elites=None, homoscedastic=False, learning_rate=1e-3, weight_decay=1e-5, batch_size=256,
+                    num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, learning_rate=1e-3, weight_decay=1e-5, batch_size=256,
                     max_epochs=40, patience=5, max_updates=None, val_fraction=0.1, num_buffer_states=10000,
                     env_id=None, max_episode_steps=None, termination_pos_weight="sqrt", device="cpu", writer=None,
                     global_step=0, verbose=False):
@@ -154,7 +154,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
         torch.manual_seed(seed)
         model = EnsembleWorldModel(
             spec_env.observation_space, spec_env.action_space, ensemble_size=ensemble_size, hidden_size=hidden_size,
-            num_layers=num_layers, num_elites=num_elites, homoscedastic=homoscedastic, env_id=env_id,
+            num_layers=num_layers, num_elites=num_elites, homoscedastic=homoscedastic, layer_norm=layer_norm,
+            dropout=dropout, env_id=env_id,
             max_episode_steps=max_episode_steps,
         ).to(device)
         spec_env.close()
@@ -399,7 +400,8 @@ def load_world_model(path, device="cpu", env_id=None):
             model = EnsembleWorldModel(
                 observation_space, action_space, ensemble_size=cfg["ensemble_size"], hidden_size=cfg["hidden_size"],
                 num_layers=cfg["num_layers"], num_elites=cfg.get("num_elites"),
-                homoscedastic=cfg.get("homoscedastic", False), env_id=payload["env_id"],
+                homoscedastic=cfg.get("homoscedastic", False), layer_norm=cfg.get("layer_norm", False),
+                dropout=cfg.get("dropout", 0.0), env_id=payload["env_id"],
                 max_episode_steps=payload["max_episode_steps"],
             )
         model.load_state_dict(payload["state_dict"])
@@ -430,14 +432,16 @@ class EnsembleModel(world_model.WorldModel):
     steps all imagined envs in one batched call, and sees the real env as it is (its observation is the state).
     `net` is the `EnsembleWorldModel` once fitted or loaded; `data` the real transitions it was fitted on.
     ensemble_size / hidden_size / num_layers / num_elites size a new fit (a loaded checkpoint keeps its own), and
-    homoscedastic gives each member one learned noise level per output instead of one per input (DHMBPO's):
+    homoscedastic gives each member one learned noise level per output instead of one per input (DHMBPO's), and
+    layer_norm / dropout add DHMBPO's regularisation (see `EnsembleWorldModel`):
     `--world-model ensemble` is 5 members of 3x128, all drawn; `--world-model mbpo-ensemble` is MBPO's network
     (`mbpo_ensemble`: 7 members of 4x200, the 5 best on validation data drawn).
     termination_fn: a known termination rule on next observations (`ensemble_imagination.Imagination`) that the
     imagined envs use instead of the learned head (which is still fitted and reported); None: the learned one."""
 
     def __init__(self, env_id, seed=0, device="cpu", termination_pos_weight="sqrt", *, ensemble_size=5,
-                 hidden_size=128, num_layers=3, num_elites=None, homoscedastic=False, termination_fn=None):
+                 hidden_size=128, num_layers=3, num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0,
+                 termination_fn=None):
         env = make_real_env(env_id, "EnsembleModel")
         check_spaces_supported(env.observation_space, env.action_space, f"EnsembleModel(env_id={env_id!r})")
         self.observation_space, self.action_space = env.observation_space, env.action_space
@@ -448,7 +452,7 @@ class EnsembleModel(world_model.WorldModel):
         # where the model predicts a rare goal (DQN on Acrobot, see dqn_imagined.py)
         self.termination_pos_weight = termination_pos_weight
         self.sizes = dict(ensemble_size=ensemble_size, hidden_size=hidden_size, num_layers=num_layers,
-                          num_elites=num_elites, homoscedastic=homoscedastic)
+                          num_elites=num_elites, homoscedastic=homoscedastic, layer_norm=layer_norm, dropout=dropout)
         self.termination_fn = termination_fn
         self.net, self.data, self.extra = None, None, {}
 
@@ -512,12 +516,23 @@ class EnsembleModel(world_model.WorldModel):
 
 
 def dhmbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None, homoscedastic=False):
-    """`--world-model dhmbpo-ensemble`: the reference ensemble at DHMBPO's size (Kubo et al., its released config:
-    8 members of 4 hidden layers of 256 units, every member drawn; its layer normalisation and dropout are not
-    here). With svg_imagined.py on HalfCheetah-v5 it did better than MBPO's network (README). homoscedastic: its
-    noise model too, one learned level per member and output (off: the reference ensemble's, per input)."""
+    """`--world-model dhmbpo-ensemble`: the reference ensemble at DHMBPO's width (Kubo et al.): 8 members of 256
+    units, every member drawn, with 4 hidden layers (erl_lib's released config has 3: `dhmbpo_network`) and no
+    layer normalisation or dropout. With svg_imagined.py on HalfCheetah-v5 it did better than MBPO's network
+    (README). homoscedastic: DHMBPO's noise model too, one learned level per member and output (off: the reference
+    ensemble's, per input)."""
     return EnsembleModel(env_id, seed=seed, device=device, ensemble_size=8, hidden_size=256, num_layers=4,
                          num_elites=8, homoscedastic=homoscedastic, termination_fn=termination_fn)
+
+
+def dhmbpo_network(env_id, seed=0, device="cpu", termination_fn=None):
+    """DHMBPO's dynamics network as erl_lib releases it (`config/agent/dynamics_model/deep_ensemble.yaml`): 8 members
+    of 3 hidden layers of 256 SiLU units, every member drawn, one learned noise level per member and output, layer
+    normalisation and dropout 0.01 by depth. Not here: its AdamW weight decay growing with depth (at most 1e-3,
+    decoupled), its 2,048-row minibatches and its initialisation."""
+    return EnsembleModel(env_id, seed=seed, device=device, ensemble_size=8, hidden_size=256, num_layers=3,
+                         num_elites=8, homoscedastic=True, layer_norm=True, dropout=0.01,
+                         termination_fn=termination_fn)
 
 
 def mbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None):

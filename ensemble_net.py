@@ -81,7 +81,8 @@ class EnsembleWorldModel(nn.Module):
     """
 
     def __init__(self, observation_space, action_space, *, ensemble_size=5, hidden_size=128, num_layers=3,
-                 num_elites=None, homoscedastic=False, env_id=None, max_episode_steps=None):
+                 num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, env_id=None,
+                 max_episode_steps=None):
         super().__init__()
         check_spaces_supported(observation_space, action_space, "EnsembleWorldModel")
         self.observation_space = observation_space
@@ -94,6 +95,17 @@ class EnsembleWorldModel(nn.Module):
         if not isinstance(homoscedastic, bool):
             raise ValueError(f"EnsembleWorldModel: homoscedastic must be True or False, got {homoscedastic!r}")
         self.homoscedastic = homoscedastic
+        if not isinstance(layer_norm, bool):
+            raise ValueError(f"EnsembleWorldModel: layer_norm must be True or False, got {layer_norm!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"EnsembleWorldModel: dropout must be a number in [0, 1), got {dropout!r}")
+        self.layer_norm, self.dropout = layer_norm, float(dropout)
+        # DHMBPO's regularisation (erl_lib's GaussianMLP), by the depth j of a linear layer among L = num_layers + 1:
+        # layer j >= 1 normalises its input (no affine; eps 1, 0.1, 0.01, ...: the first ones only damp large
+        # activations) and layer j drops (1 - (j+1)/L) * dropout of its outputs while fitting (none at the head)
+        depth = num_layers + 1
+        self._norm_eps = [max(10.0 ** -(j - 1), 1e-5) if layer_norm and j > 0 else None for j in range(depth)]
+        self._drop_rates = [self.dropout * (1 - (j + 1) / depth) for j in range(depth)]
         self.num_elites = ensemble_size if num_elites is None else num_elites
         if not 1 <= self.num_elites <= ensemble_size:
             raise ValueError(f"EnsembleWorldModel: num_elites must be in [1, ensemble_size={ensemble_size}], "
@@ -151,7 +163,8 @@ class EnsembleWorldModel(nn.Module):
 
     def config(self):
         return {"ensemble_size": self.ensemble_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "num_elites": self.num_elites, "homoscedastic": self.homoscedastic}
+                "num_elites": self.num_elites, "homoscedastic": self.homoscedastic, "layer_norm": self.layer_norm,
+                "dropout": self.dropout}
 
     # ---- normalisation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,9 +231,20 @@ class EnsembleWorldModel(nn.Module):
     def forward(self, x_norm):
         """x_norm (B,in) or (E,B,in) -> mean (E,B,out), logvar (E,B,out) of the normalised [delta, reward]."""
         h = x_norm
-        for layer in self.hidden:
-            h = F.silu(layer(h))
-        return self._mean_logvar(self.head(h), self.noise_log_std if self.homoscedastic else None)
+        for j, layer in enumerate(self.hidden):
+            h = F.silu(self._drop(j, layer(self._norm(j, h))))
+        out = self.head(self._norm(self.num_layers, h))
+        return self._mean_logvar(out, self.noise_log_std if self.homoscedastic else None)
+
+    def _norm(self, j, h):
+        """The input of linear layer j, normalised where the model has layer normalisation."""
+        eps = self._norm_eps[j]
+        return h if eps is None else F.layer_norm(h, h.shape[-1:], eps=eps)
+
+    def _drop(self, j, h):
+        """The output of linear layer j with its dropout, while fitting only."""
+        p = self._drop_rates[j]
+        return F.dropout(h, p) if self.training and p > 0 else h
 
     def _mean_logvar(self, out, noise_log_std):
         """The head's output -> mean, log-variance inside the soft bounds (noise_log_std: the members' fixed noise,
@@ -324,9 +348,9 @@ class EnsembleWorldModel(nn.Module):
     def _member_dynamics(self, e, x):
         """Member e's forward on its rows (see `forward`): mean, logvar (n,out)."""
         h = x
-        for layer in self.hidden:
-            h = F.silu(torch.addmm(layer.bias[e], h, layer.weight[e]))
-        out = torch.addmm(self.head.bias[e], h, self.head.weight[e])
+        for j, layer in enumerate(self.hidden):
+            h = F.silu(self._drop(j, torch.addmm(layer.bias[e], self._norm(j, h), layer.weight[e])))
+        out = torch.addmm(self.head.bias[e], self._norm(self.num_layers, h), self.head.weight[e])
         return self._mean_logvar(out, self.noise_log_std[e] if self.homoscedastic else None)
 
     def _member_termination(self, e, x, next_obs):

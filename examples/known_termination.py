@@ -71,3 +71,9 @@ def dhmbpo_homoscedastic(env_id, seed=0, device="cpu"):
     return ensemble.dhmbpo_ensemble(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id),
                                     homoscedastic=True)
 
+
+
+def dhmbpo_network(env_id, seed=0, device="cpu"):
+    """DHMBPO's dynamics network as released (`ensemble.dhmbpo_network`: 3 hidden layers of 256, its noise model,
+    layer normalisation and dropout) with the env's known termination rule."""
+    return ensemble.dhmbpo_network(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id))
