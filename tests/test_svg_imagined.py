@@ -4,6 +4,7 @@ training rollouts' masks after a termination, a tiny end-to-end run with --eval-
 input that stops with one line and leaves no run dir."""
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import sys
 import gymnasium as gym
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ensemble
+import ensemble_net
 import real_env
 import sac_imagined as sac
 import svg_imagined as svg
@@ -115,6 +118,45 @@ def test_homoscedastic_noise_is_one_level_per_member_and_output(tmp_path):
     model.save(path)
     loaded = ensemble.EnsembleModel("Pendulum-v1").load(path).net
     assert loaded.homoscedastic and torch.equal(loaded.noise_log_std, net.noise_log_std)
+
+
+def test_layer_norm_and_dropout_regularise_the_fit_only(tmp_path):
+    torch.set_num_threads(1)
+    model = ensemble.EnsembleModel("Pendulum-v1", seed=0, ensemble_size=3, hidden_size=32, num_layers=3,
+                                   homoscedastic=True, layer_norm=True, dropout=0.5)
+    model.fit(real_env.collect_transitions("Pendulum-v1", 300, seed=0), seed=0, refit_passes=2)
+    net = model.net
+    assert net._drop_rates == [0.375, 0.25, 0.125, 0.0] and net._norm_eps == [None, 1.0, 0.1, 0.01]
+    x = net.model_input(torch.as_tensor(model.data.obs[:64]), torch.as_tensor(model.data.actions[:64]))
+
+    def by_hand(norm):  # the forward written out: layer norm on the input of every layer after the first
+        h = x
+        for j, layer in enumerate(net.hidden):
+            h = h if j == 0 or not norm else F.layer_norm(h, h.shape[-1:], eps=net._norm_eps[j])
+            h = F.silu(layer(h))
+        return net.head(F.layer_norm(h, h.shape[-1:], eps=0.01) if norm else h)
+
+    with torch.no_grad():
+        mean, _ = net(x)  # the fit leaves the model in eval mode: no dropout, the same output every time
+        torch.testing.assert_close(mean, by_hand(norm=True))
+        assert not torch.allclose(mean, by_hand(norm=False))
+        torch.testing.assert_close(net(x)[0], mean)
+        # the per-member path (predict_with_grad, grouped predict) is the same network
+        members = torch.arange(64) % 3
+        obs, act = torch.as_tensor(model.data.obs[:64]), torch.as_tensor(model.data.actions[:64])
+        torch.testing.assert_close(net.predict_with_grad(obs, act, members, termination=False)[0],
+                                   net._decode(obs, mean[members, torch.arange(64)])[0])
+        net.train()  # while fitting, dropout draws a new mask each pass
+        assert not torch.equal(net(x)[0], net(x)[0])
+        net.eval()
+    path = tmp_path / "wm.pt"
+    model.save(path)
+    loaded = ensemble.EnsembleModel("Pendulum-v1").load(path).net
+    assert loaded.config() == net.config() and torch.equal(loaded(x)[0], mean)
+    for bad, field in ((dict(dropout=1.0), "dropout must be a number in [0, 1), got 1.0"),
+                       (dict(layer_norm="yes"), "layer_norm must be True or False, got 'yes'")):
+        with pytest.raises(ValueError, match=re.escape(field)):
+            ensemble_net.EnsembleWorldModel(net.observation_space, net.action_space, **bad)
 
 
 def test_critic_bounds_are_the_soft_reward_quantiles_over_one_minus_gamma():

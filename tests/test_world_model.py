@@ -399,9 +399,15 @@ def test_mbpo_ensemble_has_mbpos_sizes():
     import world_model
 
     model = world_model.make("mbpo-ensemble", env_id="Pendulum-v1", seed=0)
-    assert model.sizes == dict(ensemble_size=7, hidden_size=200, num_layers=4, num_elites=5, homoscedastic=False)
+    assert model.sizes == dict(ensemble_size=7, hidden_size=200, num_layers=4, num_elites=5, homoscedastic=False,
+                               layer_norm=False, dropout=0.0)
     model = world_model.make("dhmbpo-ensemble", env_id="Pendulum-v1", seed=0)
-    assert model.sizes == dict(ensemble_size=8, hidden_size=256, num_layers=4, num_elites=8, homoscedastic=False)
+    assert model.sizes == dict(ensemble_size=8, hidden_size=256, num_layers=4, num_elites=8, homoscedastic=False,
+                               layer_norm=False, dropout=0.0)
+    # erl_lib's released network (config/agent/dynamics_model/deep_ensemble.yaml): 4 linear layers, not 5
+    model = ensemble.dhmbpo_network("Pendulum-v1", seed=0)
+    assert model.sizes == dict(ensemble_size=8, hidden_size=256, num_layers=3, num_elites=8, homoscedastic=True,
+                               layer_norm=True, dropout=0.01)
 
 
 def test_evaluate_in_real_env_is_deterministic():
