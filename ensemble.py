@@ -177,6 +177,7 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
     E, N = model.ensemble_size, len(x)
 
     def val_scores():
+        model.eval()  # no dropout in a score (a new module starts in training mode)
         with torch.no_grad():
             mean, _ = model(xv)
             logit = model.termination_logits(xv, nv)
