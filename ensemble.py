@@ -120,10 +120,10 @@ def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
 
 
 def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size=128, num_layers=3,
-                    num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, learning_rate=1e-3, weight_decay=1e-5, batch_size=256,
-                    max_epochs=40, patience=5, max_updates=None, val_fraction=0.1, num_buffer_states=10000,
-                    env_id=None, max_episode_steps=None, termination_pos_weight="sqrt", device="cpu", writer=None,
-                    global_step=0, verbose=False):
+                    num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, learning_rate=1e-3,
+                    weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5, max_updates=None, val_fraction=0.1,
+                    num_buffer_states=10000, env_id=None, max_episode_steps=None, termination_pos_weight="sqrt",
+                    device="cpu", writer=None, global_step=0, verbose=False):
     """The fit behind `fit_world_model`.
 
     Whole episodes are split into train/validation (`val_fraction`); training stops once no member improved its

@@ -72,7 +72,6 @@ def dhmbpo_homoscedastic(env_id, seed=0, device="cpu"):
                                     homoscedastic=True)
 
 
-
 def dhmbpo_network(env_id, seed=0, device="cpu"):
     """DHMBPO's dynamics network as released (`ensemble.dhmbpo_network`: 3 hidden layers of 256, its noise model,
     layer normalisation and dropout) with the env's known termination rule."""
