@@ -120,8 +120,8 @@ def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
 
 
 def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size=128, num_layers=3,
-                    num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, learning_rate=1e-3,
-                    weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5, max_updates=None, val_fraction=0.1,
+                    num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, renormalise=False,
+                    learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5, max_updates=None, val_fraction=0.1,
                     num_buffer_states=10000, env_id=None, max_episode_steps=None, termination_pos_weight="sqrt",
                     device="cpu", writer=None, global_step=0, verbose=False):
     """The fit behind `fit_world_model`.
@@ -131,7 +131,9 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
     refit, see `EnsembleModel.fit`), and each member keeps its best snapshot (MBPO-style); the `num_elites` members
     best on validation data are the ones imagination draws from (None: all). A new model takes its
     normalisation from the data; a refit keeps it (so the warm weights stay valid) and only widens the clip range
-    and the stored start/buffer states. Returns (model, metrics): epochs, updates, train_loss, val_mse,
+    and the stored start/buffer states, unless `renormalise`: then a refit sets it again from all the data, as
+    erl_lib's DHMBPO does, and the warm weights absorb the shift (a policy that leaves the first random data's
+    range, a Hopper that hops, is otherwise seen in units of that data: tens of its stds). Returns (model, metrics): epochs, updates, train_loss, val_mse,
     val_term_bce, seconds, num_train, num_val.
     """
     t0 = time.time()
@@ -141,6 +143,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
         )
     if len(buffer) < 2:
         raise ValueError(f"fit_world_model: buffer needs at least 2 transitions, got {len(buffer)}")
+    if not isinstance(renormalise, bool):
+        raise ValueError(f"fit_world_model: renormalise must be True or False, got {renormalise!r}")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     new_model = model is None
@@ -163,7 +167,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
         train_buf, val_buf = buffer.split_episodes(val_fraction, seed=int(rng.integers(2**31)))
     else:
         train_buf, val_buf = buffer, None
-    model.set_statistics(train_buf, num_buffer_states=num_buffer_states, seed=seed, normalisation=new_model)
+    model.set_statistics(train_buf, num_buffer_states=num_buffer_states, seed=seed,
+                         normalisation=new_model or renormalise)
     x, y, term, nxt = _tensors(model, train_buf)
     n_pos = float(term.sum())
     # class imbalance: terminations are rare (~1/length of an episode), so up-weight them
@@ -442,7 +447,7 @@ class EnsembleModel(world_model.WorldModel):
 
     def __init__(self, env_id, seed=0, device="cpu", termination_pos_weight="sqrt", *, ensemble_size=5,
                  hidden_size=128, num_layers=3, num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0,
-                 termination_fn=None):
+                 termination_fn=None, renormalise=False):
         env = make_real_env(env_id, "EnsembleModel")
         check_spaces_supported(env.observation_space, env.action_space, f"EnsembleModel(env_id={env_id!r})")
         self.observation_space, self.action_space = env.observation_space, env.action_space
@@ -455,6 +460,7 @@ class EnsembleModel(world_model.WorldModel):
         self.sizes = dict(ensemble_size=ensemble_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_elites=num_elites, homoscedastic=homoscedastic, layer_norm=layer_norm, dropout=dropout)
         self.termination_fn = termination_fn
+        self.renormalise = renormalise  # refits set the normalisation again (see _fit_world_model)
         self.net, self.data, self.extra = None, None, {}
 
     def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
@@ -465,7 +471,8 @@ class EnsembleModel(world_model.WorldModel):
         self.net, metrics = fit_world_model(data, self.net if num_new is not None else None, seed=seed,
                                             max_updates=budget, env_id=self.env_id, device=self.device, writer=writer,
                                             global_step=global_step,
-                                            termination_pos_weight=self.termination_pos_weight, **self.sizes)
+                                            termination_pos_weight=self.termination_pos_weight,
+                                            renormalise=self.renormalise, **self.sizes)
         self.data = data
         return metrics
 
@@ -516,14 +523,16 @@ class EnsembleModel(world_model.WorldModel):
         return self
 
 
-def dhmbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None, homoscedastic=False):
+def dhmbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None, homoscedastic=False, renormalise=False):
     """`--world-model dhmbpo-ensemble`: the reference ensemble at DHMBPO's width (Kubo et al.): 8 members of 256
     units, every member drawn, with 4 hidden layers (erl_lib's released config has 3: `dhmbpo_network`) and no
     layer normalisation or dropout. With svg_imagined.py on HalfCheetah-v5 it did better than MBPO's network
     (README). homoscedastic: DHMBPO's noise model too, one learned level per member and output (off: the reference
-    ensemble's, per input)."""
+    ensemble's, per input). renormalise: refits set the normalisation again from all data (DHMBPO's; off: the
+    first fit's stays)."""
     return EnsembleModel(env_id, seed=seed, device=device, ensemble_size=8, hidden_size=256, num_layers=4,
-                         num_elites=8, homoscedastic=homoscedastic, termination_fn=termination_fn)
+                         num_elites=8, homoscedastic=homoscedastic, termination_fn=termination_fn,
+                         renormalise=renormalise)
 
 
 def dhmbpo_network(env_id, seed=0, device="cpu", termination_fn=None):

@@ -72,6 +72,13 @@ def dhmbpo_homoscedastic(env_id, seed=0, device="cpu"):
                                     homoscedastic=True)
 
 
+def dhmbpo_renormalise(env_id, seed=0, device="cpu"):
+    """`dhmbpo_homoscedastic` whose refits set the model's normalisation again from all the data, as DHMBPO's do
+    (the others keep the first fit's, taken from the random steps alone)."""
+    return ensemble.dhmbpo_ensemble(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id),
+                                    homoscedastic=True, renormalise=True)
+
+
 def dhmbpo_network(env_id, seed=0, device="cpu"):
     """DHMBPO's dynamics network as released (`ensemble.dhmbpo_network`: 3 hidden layers of 256, its noise model,
     layer normalisation and dropout) with the env's known termination rule."""

@@ -159,6 +159,32 @@ def test_layer_norm_and_dropout_regularise_the_fit_only(tmp_path):
             ensemble_net.EnsembleWorldModel(net.observation_space, net.action_space, **bad)
 
 
+def test_renormalise_sets_a_refits_normalisation_from_all_the_data():
+    torch.set_num_threads(1)
+    first = real_env.collect_transitions("Pendulum-v1", 200, seed=0)
+    both = real_env.collect_transitions("Pendulum-v1", 200, seed=0)  # extend() grows a buffer in place
+    both.extend(real_env.collect_transitions("Pendulum-v1", 200, seed=1))
+    sizes = dict(ensemble_size=2, hidden_size=16, num_layers=2)
+    stats = ("in_mean", "in_std", "out_mean", "out_std", "obs_std")
+
+    def fitted(renormalise):  # a first fit on `first`, then a warm refit on `both` (the scripts' path)
+        model = ensemble.EnsembleModel("Pendulum-v1", renormalise=renormalise, **sizes)
+        model.fit(first, seed=0, refit_passes=1)
+        before = {k: getattr(model.net, k).clone() for k in stats}
+        model.fit(both, num_new=200, seed=3, refit_passes=1)
+        return before, model.net
+
+    fresh, _ = ensemble.fit_world_model(both, seed=3, max_epochs=1, **sizes)  # a new fit: the same split's statistics
+    before, kept = fitted(False)
+    for k in stats:
+        assert torch.equal(getattr(kept, k), before[k])
+    before, renormalised = fitted(True)
+    for k in stats:
+        assert torch.equal(getattr(renormalised, k), getattr(fresh, k)) and not torch.equal(before[k], getattr(fresh, k))
+    with pytest.raises(ValueError, match=re.escape("renormalise must be True or False, got 'yes'")):
+        ensemble.fit_world_model(both, kept, renormalise="yes")
+
+
 def test_critic_bounds_are_the_soft_reward_quantiles_over_one_minus_gamma():
     rewards = torch.arange(100.0).view(1, 100)  # (H=1, B=100): soft rewards 0..99 with alpha 0
     log_probs, alive = torch.zeros(2, 100), torch.ones(2, 100)
