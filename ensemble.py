@@ -121,9 +121,9 @@ def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
 
 def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size=128, num_layers=3,
                     num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, renormalise=False,
-                    learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5, max_updates=None, val_fraction=0.1,
-                    num_buffer_states=10000, env_id=None, max_episode_steps=None, termination_pos_weight="sqrt",
-                    device="cpu", writer=None, global_step=0, verbose=False):
+                    learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5, max_updates=None,
+                    val_fraction=0.1, num_buffer_states=10000, env_id=None, max_episode_steps=None,
+                    termination_pos_weight="sqrt", device="cpu", writer=None, global_step=0, verbose=False):
     """The fit behind `fit_world_model`.
 
     Whole episodes are split into train/validation (`val_fraction`); training stops once no member improved its
@@ -133,8 +133,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
     normalisation from the data; a refit keeps it (so the warm weights stay valid) and only widens the clip range
     and the stored start/buffer states, unless `renormalise`: then a refit sets it again from all the data, as
     erl_lib's DHMBPO does, and the warm weights absorb the shift (a policy that leaves the first random data's
-    range, a Hopper that hops, is otherwise seen in units of that data: tens of its stds). Returns (model, metrics): epochs, updates, train_loss, val_mse,
-    val_term_bce, seconds, num_train, num_val.
+    range, a Hopper that hops, is otherwise seen in units of that data: tens of its stds). Returns (model,
+    metrics): epochs, updates, train_loss, val_mse, val_term_bce, seconds, num_train, num_val.
     """
     t0 = time.time()
     if termination_pos_weight not in ("ratio", "sqrt", "none"):
@@ -442,6 +442,7 @@ class EnsembleModel(world_model.WorldModel):
     layer_norm / dropout add DHMBPO's regularisation (see `EnsembleWorldModel`):
     `--world-model ensemble` is 5 members of 3x128, all drawn; `--world-model mbpo-ensemble` is MBPO's network
     (`mbpo_ensemble`: 7 members of 4x200, the 5 best on validation data drawn).
+    renormalise: every refit sets the normalisation again from all the data (DHMBPO's; off: the first fit's stays).
     termination_fn: a known termination rule on next observations (`ensemble_imagination.Imagination`) that the
     imagined envs use instead of the learned head (which is still fitted and reported); None: the learned one."""
 

@@ -180,7 +180,8 @@ def test_renormalise_sets_a_refits_normalisation_from_all_the_data():
         assert torch.equal(getattr(kept, k), before[k])
     before, renormalised = fitted(True)
     for k in stats:
-        assert torch.equal(getattr(renormalised, k), getattr(fresh, k)) and not torch.equal(before[k], getattr(fresh, k))
+        assert torch.equal(getattr(renormalised, k), getattr(fresh, k))
+        assert not torch.equal(before[k], getattr(fresh, k))
     with pytest.raises(ValueError, match=re.escape("renormalise must be True or False, got 'yes'")):
         ensemble.fit_world_model(both, kept, renormalise="yes")
 
