@@ -377,3 +377,23 @@ def test_hopper_gait_reports_each_episode(tmp_path):
         gait(str(tmp_path / "missing.pt"))
     with pytest.raises(SystemExit, match="--episodes expected an integer >= 1, got 0"):
         gait(path, episodes=0)
+
+
+def test_fit_check_scores_fresh_fits_on_the_newest_episodes(tmp_path):
+    fit_check = runpy.run_path(os.path.join(ROOT, "examples", "fit_check.py"))["fit_check"]
+    torch.set_num_threads(1)
+    buf = real_env.collect_transitions("Pendulum-v1", 1000, seed=0)  # 5 episodes of 200
+    model, _ = ensemble.fit_world_model(buf, seed=0, ensemble_size=2, hidden_size=16, num_layers=2, max_epochs=1)
+    path = str(tmp_path / "world_model.pt")
+    ensemble.save_world_model(model, path, buffer=buf)
+    rows = fit_check(path, max_epochs=(1, 3), patience=(1, 3), test_transitions=300)
+    assert [r["train"] for r in rows] == [600, 600] and [r["test"] for r in rows] == [400, 400]  # 2 whole episodes
+    assert rows[0]["epochs"] <= 1 and 1 <= rows[1]["epochs"] <= 3
+    assert all(0.0 < r["delta_nmse"] < 10.0 and 0.0 < r["reward_nmse"] < 10.0 for r in rows)
+    with pytest.raises(SystemExit, match="one value each per fit"):
+        fit_check(path, max_epochs=(1, 3), patience=(1,))
+    with pytest.raises(SystemExit, match="fewer than the buffer's 1000 transitions"):
+        fit_check(path, test_transitions=900)
+    ensemble.save_world_model(model, path)
+    with pytest.raises(SystemExit, match="saved without its data"):
+        fit_check(path)
