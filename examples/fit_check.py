@@ -25,9 +25,16 @@ def fit_check(path, max_epochs=(40,), patience=(5,), test_transitions=2000, seed
     if len(max_epochs) != len(patience) or not max_epochs:
         raise SystemExit(f"fit_check.py: --max-epochs and --patience expected one value each per fit, got "
                          f"{list(max_epochs)} and {list(patience)}")
+    checks = (("--max-epochs", max_epochs), ("--patience", patience), ("--test-transitions", [test_transitions]))
+    for flag, values in checks:
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise SystemExit(f"fit_check.py: {flag} expected integers >= 1, got {list(values)}")
     if not os.path.isfile(path):
         raise SystemExit(f"fit_check.py: expected a world_model.pt a run wrote, got {path!r}: the file does not exist")
-    saved = ensemble.load_world_model(path)
+    try:
+        saved = ensemble.load_world_model(path)
+    except ValueError as e:  # damaged, foreign or too new: the loader's message says which
+        raise SystemExit(f"fit_check.py: {e}") from None
     buf = saved.buffer
     if buf is None:
         raise SystemExit(f"fit_check.py: {path} was saved without its data (no 'buffer' key): nothing to fit on")
@@ -47,11 +54,12 @@ def fit_check(path, max_epochs=(40,), patience=(5,), test_transitions=2000, seed
                                                   env_id=saved.env_id, **saved.config())
         with torch.no_grad():
             pred_obs, pred_reward, _, _ = model.predict(obs, actions)
+        # scored in the test data's own units (its variance), not a model's normalisation, which differs between fits
         true_delta = next_obs - obs
         rows.append({
             "max_epochs": epochs, "patience": pat, "epochs": metrics["epochs"], "updates": metrics["updates"],
             "seconds": time.time() - start, "train": len(train), "test": len(test),
-            "delta_nmse": float((((pred_obs - obs - true_delta) ** 2).mean(0) / true_delta.var(0)).mean()),
+            "delta_nmse": float((((pred_obs - next_obs) ** 2).mean(0) / true_delta.var(0)).mean()),
             "reward_nmse": float(((pred_reward - rewards) ** 2).mean() / rewards.var()),
         })
         r = rows[-1]

@@ -397,3 +397,9 @@ def test_fit_check_scores_fresh_fits_on_the_newest_episodes(tmp_path):
     ensemble.save_world_model(model, path)
     with pytest.raises(SystemExit, match="saved without its data"):
         fit_check(path)
+    with pytest.raises(SystemExit, match=r"--test-transitions expected integers >= 1, got \[0\]"):
+        fit_check(path, test_transitions=0)
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="fit_check.py: .* is not a readable world-model checkpoint"):
+        fit_check(path)
