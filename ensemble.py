@@ -121,7 +121,7 @@ def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
 
 def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size=128, num_layers=3,
                     num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, renormalise=False,
-                    learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5, max_updates=None,
+                    bootstrap_seed=None, learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5, max_updates=None,
                     val_fraction=0.1, num_buffer_states=10000, env_id=None, max_episode_steps=None,
                     termination_pos_weight="sqrt", device="cpu", writer=None, global_step=0, verbose=False):
     """The fit behind `fit_world_model`.
@@ -133,7 +133,10 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
     normalisation from the data; a refit keeps it (so the warm weights stay valid) and only widens the clip range
     and the stored start/buffer states, unless `renormalise`: then a refit sets it again from all the data, as
     erl_lib's DHMBPO does, and the warm weights absorb the shift (a policy that leaves the first random data's
-    range, a Hopper that hops, is otherwise seen in units of that data: tens of its stds). Returns (model,
+    range, a Hopper that hops, is otherwise seen in units of that data: tens of its stds). `bootstrap_seed` (None:
+    off) weights each member's loss on each transition by its own Exp(1) draw, erl_lib's Bayesian bootstrap, so the
+    members see the data differently, not only shuffled differently; the draws are a function of the seed and the
+    transition's row, so a refit on a longer buffer gives the old rows the same weights. Returns (model,
     metrics): epochs, updates, train_loss, val_mse, val_term_bce, seconds, num_train, num_val.
     """
     t0 = time.time()
@@ -145,6 +148,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
         raise ValueError(f"fit_world_model: buffer needs at least 2 transitions, got {len(buffer)}")
     if not isinstance(renormalise, bool):
         raise ValueError(f"fit_world_model: renormalise must be True or False, got {renormalise!r}")
+    if bootstrap_seed is not None and (isinstance(bootstrap_seed, bool) or not isinstance(bootstrap_seed, int)):
+        raise ValueError(f"fit_world_model: bootstrap_seed must be an int or None, got {bootstrap_seed!r}")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     new_model = model is None
@@ -163,8 +168,11 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
             max_episode_steps=max_episode_steps,
         ).to(device)
         spec_env.close()
+    train_rows = np.ones(len(buffer), bool)
     if val_fraction > 0 and len(buffer) >= 4:
-        train_buf, val_buf = buffer.split_episodes(val_fraction, seed=int(rng.integers(2**31)))
+        split_seed = int(rng.integers(2**31))
+        train_buf, val_buf = buffer.split_episodes(val_fraction, seed=split_seed)
+        train_rows = buffer.split_rows(val_fraction, seed=split_seed)
     else:
         train_buf, val_buf = buffer, None
     model.set_statistics(train_buf, num_buffer_states=num_buffer_states, seed=seed,
@@ -180,6 +188,10 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
         xv, yv, tv, nv = _tensors(model, val_buf)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     E, N = model.ensemble_size, len(x)
+    weights = None
+    if bootstrap_seed is not None:  # (E, N): row n's weights are the n-th E draws, whatever the buffer's length
+        draws = np.random.default_rng(bootstrap_seed).standard_exponential((len(buffer), E), dtype=np.float32)
+        weights = torch.as_tensor(draws[train_rows].T.copy(), device=model.device)
 
     def val_scores():
         model.eval()  # no dropout in a score (a new module starts in training mode)
@@ -211,7 +223,9 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
             xb, yb, tb = x[idx], y[idx], term[idx]
             mean, logvar = model(xb)
             logit = model.termination_logits(xb, nxt[idx])
-            nll = (((mean - yb) ** 2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2))
+            nll = ((mean - yb) ** 2) * torch.exp(-logvar) + logvar
+            nll = (nll.mean(dim=(1, 2)) if weights is None
+                   else (nll.mean(dim=2) * torch.gather(weights, 1, idx)).mean(dim=1))
             bce = F.binary_cross_entropy_with_logits(logit, tb, pos_weight=pos_weight, reduction="none").mean(1)
             loss = (nll + bce).sum() + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
             opt.zero_grad()
@@ -443,12 +457,14 @@ class EnsembleModel(world_model.WorldModel):
     `--world-model ensemble` is 5 members of 3x128, all drawn; `--world-model mbpo-ensemble` is MBPO's network
     (`mbpo_ensemble`: 7 members of 4x200, the 5 best on validation data drawn).
     renormalise: every refit sets the normalisation again from all the data (DHMBPO's; off: the first fit's stays).
+    bootstrap: each member weights each transition by its own Exp(1) draw, fixed for the run (DHMBPO's Bayesian
+    bootstrap, seeded by `seed`; off: every member weights every transition 1).
     termination_fn: a known termination rule on next observations (`ensemble_imagination.Imagination`) that the
     imagined envs use instead of the learned head (which is still fitted and reported); None: the learned one."""
 
     def __init__(self, env_id, seed=0, device="cpu", termination_pos_weight="sqrt", *, ensemble_size=5,
                  hidden_size=128, num_layers=3, num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0,
-                 termination_fn=None, renormalise=False):
+                 termination_fn=None, renormalise=False, bootstrap=False):
         env = make_real_env(env_id, "EnsembleModel")
         check_spaces_supported(env.observation_space, env.action_space, f"EnsembleModel(env_id={env_id!r})")
         self.observation_space, self.action_space = env.observation_space, env.action_space
@@ -462,6 +478,7 @@ class EnsembleModel(world_model.WorldModel):
                           num_elites=num_elites, homoscedastic=homoscedastic, layer_norm=layer_norm, dropout=dropout)
         self.termination_fn = termination_fn
         self.renormalise = renormalise  # refits set the normalisation again (see _fit_world_model)
+        self.bootstrap = bootstrap
         self.net, self.data, self.extra = None, None, {}
 
     def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
@@ -473,7 +490,8 @@ class EnsembleModel(world_model.WorldModel):
                                             max_updates=budget, env_id=self.env_id, device=self.device, writer=writer,
                                             global_step=global_step,
                                             termination_pos_weight=self.termination_pos_weight,
-                                            renormalise=self.renormalise, **self.sizes)
+                                            renormalise=self.renormalise,
+                                            bootstrap_seed=self.seed if self.bootstrap else None, **self.sizes)
         self.data = data
         return metrics
 
@@ -524,16 +542,17 @@ class EnsembleModel(world_model.WorldModel):
         return self
 
 
-def dhmbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None, homoscedastic=False, renormalise=False):
+def dhmbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None, homoscedastic=False, renormalise=False,
+                    bootstrap=False):
     """`--world-model dhmbpo-ensemble`: the reference ensemble at DHMBPO's width (Kubo et al.): 8 members of 256
     units, every member drawn, with 4 hidden layers (erl_lib's released config has 3: `dhmbpo_network`) and no
     layer normalisation or dropout. With svg_imagined.py on HalfCheetah-v5 it did better than MBPO's network
     (README). homoscedastic: DHMBPO's noise model too, one learned level per member and output (off: the reference
     ensemble's, per input). renormalise: refits set the normalisation again from all data (DHMBPO's; off: the
-    first fit's stays)."""
+    first fit's stays). bootstrap: DHMBPO's per-member Exp(1) weights on every transition (off: all 1)."""
     return EnsembleModel(env_id, seed=seed, device=device, ensemble_size=8, hidden_size=256, num_layers=4,
                          num_elites=8, homoscedastic=homoscedastic, termination_fn=termination_fn,
-                         renormalise=renormalise)
+                         renormalise=renormalise, bootstrap=bootstrap)
 
 
 def dhmbpo_network(env_id, seed=0, device="cpu", termination_fn=None):

@@ -109,6 +109,17 @@ class TransitionBuffer:
     def split_episodes(self, fraction, seed=0):
         """Splits by whole episodes (so k-step segments of the held-out part are truly unseen).
         Returns (rest, held_out). With fewer than 2 episodes the data is cut into 100-step pseudo-episodes first."""
+        buf, ids, n_held = self._episode_split(fraction, seed)
+        return buf.select_episodes(ids[n_held:]), buf.select_episodes(ids[:n_held])
+
+    def split_rows(self, fraction, seed=0):
+        """The bool mask (len(self),) of the transitions `split_episodes(fraction, seed)` keeps in its rest (what a
+        per-transition array, such as the fit's bootstrap weights, is indexed by)."""
+        buf, ids, n_held = self._episode_split(fraction, seed)
+        return np.isin(buf.episode_ids, ids[n_held:])
+
+    def _episode_split(self, fraction, seed):
+        """(the buffer whose episode ids are split, those ids shuffled, how many of the first are held out)."""
         ids = np.unique(self.episode_ids)
         buf = self
         if len(ids) < 2 and len(self) >= 2:
@@ -121,7 +132,7 @@ class TransitionBuffer:
         n_held = int(round(fraction * len(ids)))
         if fraction > 0:
             n_held = min(max(n_held, 1), len(ids) - 1)
-        return buf.select_episodes(ids[n_held:]), buf.select_episodes(ids[:n_held])
+        return buf, ids, n_held
 
 
 def make_real_env(env_id, where, render_mode=None):

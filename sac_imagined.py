@@ -155,6 +155,15 @@ def noise_setting(args):
     return {"sample_noise": True} if args.sample_noise else {}
 
 
+def check_noise_setting(args, model, kind):
+    """--sample-noise needs a model whose imagined envs (`kind`: "batched" or workers) take sample_noise."""
+    if args.sample_noise:
+        wanted = "imagined_vector_env" if kind == "batched" else "imagined_env"
+        if model is None or "sample_noise" not in inspect.signature(getattr(model, wanted)).parameters:
+            raise ru.ArgError("--sample-noise", f"a world model whose {wanted} takes sample_noise (the ensembles)",
+                              args.world_model, "Drop --sample-noise for this model.")
+
+
 def add_obs_stats(net, obs_dim, normalize_obs):
     """Gives `net` the input statistics set_obs_stats fills (buffers: saved with the weights) where asked."""
     net.normalize_obs = normalize_obs
@@ -348,11 +357,7 @@ def check_args(args):
     for name in ("halt_threshold", "eval_every"):
         if not getattr(args, name) >= 0:
             raise ru.ArgError("--" + name.replace("_", "-"), "a number >= 0 (0 turns it off)", getattr(args, name))
-    if args.sample_noise:
-        wanted = "imagined_vector_env" if dyna.vector_env_kind(args, model) == "batched" else "imagined_env"
-        if model is None or "sample_noise" not in inspect.signature(getattr(model, wanted)).parameters:
-            raise ru.ArgError("--sample-noise", f"a world model whose {wanted} takes sample_noise (the ensembles)",
-                              args.world_model, "Drop --sample-noise for this model.")
+    check_noise_setting(args, model, dyna.vector_env_kind(args, model))
     if args.target_entropy is not None and not args.autotune:
         raise ru.ArgError("--target-entropy", "no value with --no-autotune (the entropy coefficient is fixed at "
                           f"--alpha {args.alpha})", args.target_entropy, "Drop one of the two flags.")

@@ -90,6 +90,10 @@ class Args:
     """If toggled, the training rollouts step with a reparameterised sample of each row's member (mean + std *
     noise: DHMBPO's), not its mean (off: on HalfCheetah-v5 seed 1 it ended at 844.6 with --bounded-critics, 2,224.9
     without either; README)."""
+    sample_noise: bool = False
+    """If toggled, each distribution rollout step samples its member's predicted Gaussian (next obs and reward)
+    instead of taking its mean (DHMBPO's; off: the means, as before), so the training rollouts start from states
+    spread as the model's noise spreads them (sac_imagined.py's flag; --model-noise is the training rollouts')."""
     halt_threshold: float = 0.0
     """The halt rule's disagreement multiple for the distribution rollouts (0, the default, turns it off)."""
     utd_ratio: int = 1
@@ -258,6 +262,7 @@ def check_args(args):
         raise ru.ArgError("--model-noise", "a model whose differentiable_step takes sample=True (world_model.py)",
                           args.world_model, f"{type(model).__name__}.differentiable_step has no `sample`: "
                           "drop --model-noise (off by default) to step with its output as it is.")
+    sac.check_noise_setting(args, model, "batched")
     if args.critic_horizon is not None and not 1 <= args.critic_horizon <= args.training_horizon:
         raise ru.ArgError("--critic-horizon", f"a number from 1 to --training-horizon ({args.training_horizon}), or "
                           "None for all of them", args.critic_horizon)
@@ -335,7 +340,8 @@ if __name__ == "__main__":
                                    obs_dim, act_space.shape, np.float32, seed=args.seed + 1)
         imagined_envs = dyna.imagined_vector_env(model, "batched", args.rollout_batch_size, args.seed, device, None,
                                                  horizon=args.imagined_horizon, start="buffer",
-                                                 halt=args.halt_threshold, gamma=args.gamma)
+                                                 halt=args.halt_threshold, gamma=args.gamma,
+                                                 **sac.noise_setting(args))
         explore, greedy = sac.policy_fn(actor, device, False), sac.policy_fn(actor, device, True)
         target = args.target_return if args.target_return is not None else reward_threshold
         evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target, model)

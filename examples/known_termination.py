@@ -83,3 +83,10 @@ def dhmbpo_network(env_id, seed=0, device="cpu"):
     """DHMBPO's dynamics network as released (`ensemble.dhmbpo_network`: 3 hidden layers of 256, its noise model,
     layer normalisation and dropout) with the env's known termination rule."""
     return ensemble.dhmbpo_network(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id))
+
+
+def dhmbpo_bootstrap(env_id, seed=0, device="cpu"):
+    """`dhmbpo_homoscedastic` whose members weight every transition by their own Exp(1) draw, DHMBPO's Bayesian
+    bootstrap (the others weight every transition 1, their members differing only in initialisation and order)."""
+    return ensemble.dhmbpo_ensemble(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id),
+                                    homoscedastic=True, bootstrap=True)
