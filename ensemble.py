@@ -189,8 +189,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     E, N = model.ensemble_size, len(x)
     weights = None
-    if bootstrap_seed is not None:  # (E, N): row n's weights are the n-th E draws, whatever the buffer's length
-        draws = np.random.default_rng(bootstrap_seed).standard_exponential((len(buffer), E), dtype=np.float32)
+    if bootstrap_seed is not None:  # (E, N_train)
+        draws = bootstrap_weights(len(buffer), E, bootstrap_seed)
         weights = torch.as_tensor(draws[train_rows].T.copy(), device=model.device)
 
     def val_scores():
@@ -274,6 +274,12 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
         for k in ("train_loss", "val_mse", "val_term_bce", "updates", "seconds"):
             writer.add_scalar(f"world_model/{k}", metrics[k], global_step)
     return model, metrics
+
+
+def bootstrap_weights(num_rows, ensemble_size, seed):
+    """(num_rows, ensemble_size) float32 Exp(1) draws, row n's the n-th ensemble_size draws of `seed`'s generator:
+    a longer buffer's first rows get the same weights, so a transition keeps its weights across refits."""
+    return np.random.default_rng(seed).standard_exponential((num_rows, ensemble_size), dtype=np.float32)
 
 
 @torch.no_grad()

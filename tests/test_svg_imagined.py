@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,6 +187,35 @@ def test_renormalise_sets_a_refits_normalisation_from_all_the_data():
         ensemble.fit_world_model(both, kept, renormalise="yes")
 
 
+def test_bootstrap_weights_each_members_loss_by_fixed_per_transition_draws():
+    torch.set_num_threads(1)
+    buf = real_env.collect_transitions("Pendulum-v1", 400, seed=0)
+    for data in (buf, real_env.collect_transitions("Pendulum-v1", 150, seed=1)):  # 2 episodes; 1 (pseudo-episodes)
+        rest, held = data.split_episodes(0.5, seed=4)
+        rows = data.split_rows(0.5, seed=4)
+        assert np.array_equal(data.obs[rows], rest.obs) and np.array_equal(data.obs[~rows], held.obs)
+    # a transition keeps its weights as the buffer grows; the weights differ by member
+    w = ensemble.bootstrap_weights(12, 3, seed=5)
+    assert w.shape == (12, 3) and np.array_equal(ensemble.bootstrap_weights(7, 3, seed=5), w[:7])
+    assert not np.array_equal(w[:, 0], w[:, 1]) and (w > 0).all()
+
+    sizes = dict(ensemble_size=2, hidden_size=16, num_layers=2, max_epochs=2)
+    plain, _ = ensemble.fit_world_model(buf, seed=0, **sizes)
+    boot, _ = ensemble.fit_world_model(buf, seed=0, bootstrap_seed=7, **sizes)
+    again, _ = ensemble.fit_world_model(buf, seed=0, bootstrap_seed=7, **sizes)
+    other, _ = ensemble.fit_world_model(buf, seed=0, bootstrap_seed=8, **sizes)
+    params = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    assert torch.equal(params(boot), params(again))
+    assert not torch.equal(params(boot), params(plain)) and not torch.equal(params(boot), params(other))
+    model = ensemble.EnsembleModel("Pendulum-v1", seed=7, bootstrap=True, ensemble_size=2, hidden_size=16,
+                                   num_layers=2)
+    model.fit(buf, seed=0)  # the EnsembleModel's seed seeds the draws
+    fresh, _ = ensemble.fit_world_model(buf, seed=0, bootstrap_seed=7, **dict(sizes, max_epochs=40))
+    assert torch.equal(params(model.net), params(fresh))
+    with pytest.raises(ValueError, match=re.escape("bootstrap_seed must be an int or None, got True")):
+        ensemble.fit_world_model(buf, bootstrap_seed=True)
+
+
 def test_critic_bounds_are_the_soft_reward_quantiles_over_one_minus_gamma():
     rewards = torch.arange(100.0).view(1, 100)  # (H=1, B=100): soft rewards 0..99 with alpha 0
     log_probs, alive = torch.zeros(2, 100), torch.ones(2, 100)
@@ -246,8 +276,9 @@ def test_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
 
 def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_inputs(tmp_path, monkeypatch):
     scope, summary = _run(tmp_path, monkeypatch, TINY + ["--critic-updates-after-refit", "3", "--normalize-obs",
-                                                        "--model-noise", "--bounded-critics"])
+                                                        "--model-noise", "--bounded-critics", "--sample-noise"])
     assert summary["status"] == "finished" and summary["refits"] == 1
+    assert scope["imagined_envs"].transition_fn.__self__.sample_noise  # the distribution rollouts sample
     assert summary["critic_only_updates"] == 3 and summary["updates"] == 50 + 3
     assert scope["q_bounds"] is not None and scope["q_bounds"][0] <= scope["q_bounds"][1]  # the bounds were tracked
     data = scope["rb"].obs[: scope["rb"].size]
@@ -346,6 +377,7 @@ def test_dhmbpo_networks_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, c
     (["--hidden-layers", "1"], "--hidden-layers"),
     (["--critic-dropout", "1.0"], "--critic-dropout"),
     (["--world-model", "mean_only.py:make", "--model-noise"], "drop --model-noise"),
+    (["--world-model", "mean_only.py:no_noise", "--sample-noise"], "Drop --sample-noise"),
 ])
 def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
     # a user's ensemble whose differentiable_step gives means only: --model-noise needs a `sample` argument
@@ -353,7 +385,10 @@ def test_bad_input_one_line_and_no_run_dir(tmp_path, flags, expected):
         "import ensemble\n\n\nclass MeanOnly(ensemble.EnsembleModel):\n"
         "    def differentiable_step(self, obs, action):\n"
         "        return super().differentiable_step(obs, action)\n\n\n"
-        "def make(env_id, seed=0, device='cpu'):\n    return MeanOnly(env_id, seed=seed, device=device)\n")
+        "def make(env_id, seed=0, device='cpu'):\n    return MeanOnly(env_id, seed=seed, device=device)\n\n\n"
+        "class NoNoise(ensemble.EnsembleModel):\n    def imagined_vector_env(self, num_envs, **settings):\n"
+        "        return super().imagined_vector_env(num_envs, **settings)\n\n\n"
+        "def no_noise(env_id, seed=0, device='cpu'):\n    return NoNoise(env_id, seed=seed, device=device)\n")
     result = subprocess.run([sys.executable, SCRIPT, *flags], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0
