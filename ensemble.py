@@ -121,9 +121,10 @@ def fit_world_model(buffer, model=None, *, num_threads=1, **kwargs):
 
 def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size=128, num_layers=3,
                     num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0, renormalise=False,
-                    bootstrap_seed=None, learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40, patience=5, max_updates=None,
-                    val_fraction=0.1, num_buffer_states=10000, env_id=None, max_episode_steps=None,
-                    termination_pos_weight="sqrt", device="cpu", writer=None, global_step=0, verbose=False):
+                    bootstrap_seed=None, learning_rate=1e-3, weight_decay=1e-5, batch_size=256, max_epochs=40,
+                    patience=5, max_updates=None, val_fraction=0.1, num_buffer_states=10000, env_id=None,
+                    max_episode_steps=None, termination_pos_weight="sqrt", device="cpu", writer=None, global_step=0,
+                    verbose=False):
     """The fit behind `fit_world_model`.
 
     Whole episodes are split into train/validation (`val_fraction`); training stops once no member improved its
@@ -148,7 +149,8 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
         raise ValueError(f"fit_world_model: buffer needs at least 2 transitions, got {len(buffer)}")
     if not isinstance(renormalise, bool):
         raise ValueError(f"fit_world_model: renormalise must be True or False, got {renormalise!r}")
-    if bootstrap_seed is not None and (isinstance(bootstrap_seed, bool) or not isinstance(bootstrap_seed, int)):
+    if bootstrap_seed is not None and (isinstance(bootstrap_seed, bool)
+                                       or not isinstance(bootstrap_seed, (int, np.integer))):
         raise ValueError(f"fit_world_model: bootstrap_seed must be an int or None, got {bootstrap_seed!r}")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -484,6 +486,8 @@ class EnsembleModel(world_model.WorldModel):
                           num_elites=num_elites, homoscedastic=homoscedastic, layer_norm=layer_norm, dropout=dropout)
         self.termination_fn = termination_fn
         self.renormalise = renormalise  # refits set the normalisation again (see _fit_world_model)
+        if not isinstance(bootstrap, bool):
+            raise ValueError(f"EnsembleModel: bootstrap must be True or False, got {bootstrap!r}")
         self.bootstrap = bootstrap
         self.net, self.data, self.extra = None, None, {}
 

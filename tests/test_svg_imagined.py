@@ -214,6 +214,8 @@ def test_bootstrap_weights_each_members_loss_by_fixed_per_transition_draws():
     assert torch.equal(params(model.net), params(fresh))
     with pytest.raises(ValueError, match=re.escape("bootstrap_seed must be an int or None, got True")):
         ensemble.fit_world_model(buf, bootstrap_seed=True)
+    with pytest.raises(ValueError, match=re.escape("EnsembleModel: bootstrap must be True or False, got 'yes'")):
+        ensemble.EnsembleModel("Pendulum-v1", bootstrap="yes")
 
 
 def test_critic_bounds_are_the_soft_reward_quantiles_over_one_minus_gamma():
