@@ -170,11 +170,12 @@ def _fit_world_model(buffer, model=None, *, seed=0, ensemble_size=5, hidden_size
             max_episode_steps=max_episode_steps,
         ).to(device)
         spec_env.close()
-    train_rows = np.ones(len(buffer), bool)
+    train_rows = slice(None)  # the training split's rows of `buffer`, which the bootstrap weights are drawn for
     if val_fraction > 0 and len(buffer) >= 4:
         split_seed = int(rng.integers(2**31))
         train_buf, val_buf = buffer.split_episodes(val_fraction, seed=split_seed)
-        train_rows = buffer.split_rows(val_fraction, seed=split_seed)
+        if bootstrap_seed is not None:
+            train_rows = buffer.split_rows(val_fraction, seed=split_seed)
     else:
         train_buf, val_buf = buffer, None
     model.set_statistics(train_buf, num_buffer_states=num_buffer_states, seed=seed,
