@@ -468,16 +468,18 @@ class EnsembleModel(world_model.WorldModel):
     renormalise: every refit sets the normalisation again from all the data (DHMBPO's; off: the first fit's stays).
     bootstrap: each member weights each transition by its own Exp(1) draw, fixed for the run (DHMBPO's Bayesian
     bootstrap, seeded by `seed`; off: every member weights every transition 1).
-    max_epochs / patience: how long a fit may run, and the epochs without a 1% gain on validation data after which
-    it stops (see `_fit_world_model`); a refit also stops at its budget (`fit`'s refit_passes). DHMBPO's fits run
-    far longer than the defaults (erl_lib: a patience of 124 short epochs).
+    max_epochs / patience / batch_size: how long a fit may run, the epochs without a 1% gain on validation data
+    after which it stops, and the rows of each minibatch (see `_fit_world_model`); a refit also stops at its budget
+    (`fit`'s refit_passes, passes over the new data). DHMBPO's fits run far longer than the defaults (erl_lib: a
+    patience of 124 epochs of up to 6 minibatches of 2,048 rows).
     termination_fn: a known termination rule on next observations (`ensemble_imagination.Imagination`) that the
     imagined envs use instead of the learned head (which is still fitted and reported); None: the learned one."""
 
     def __init__(self, env_id, seed=0, device="cpu", termination_pos_weight="sqrt", *, ensemble_size=5,
                  hidden_size=128, num_layers=3, num_elites=None, homoscedastic=False, layer_norm=False, dropout=0.0,
-                 termination_fn=None, renormalise=False, bootstrap=False, max_epochs=40, patience=5):
-        for name, value in (("max_epochs", max_epochs), ("patience", patience)):
+                 termination_fn=None, renormalise=False, bootstrap=False, max_epochs=40, patience=5,
+                 batch_size=256):
+        for name, value in (("max_epochs", max_epochs), ("patience", patience), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"EnsembleModel: {name} must be an int >= 1, got {value!r}")
         env = make_real_env(env_id, "EnsembleModel")
@@ -496,14 +498,16 @@ class EnsembleModel(world_model.WorldModel):
         if not isinstance(bootstrap, bool):
             raise ValueError(f"EnsembleModel: bootstrap must be True or False, got {bootstrap!r}")
         self.bootstrap = bootstrap
-        self.fit_length = dict(max_epochs=int(max_epochs), patience=int(patience))  # a fit option, not saved
+        # fit options, not saved with the model (as renormalise and bootstrap)
+        self.fit_length = dict(max_epochs=int(max_epochs), patience=int(patience), batch_size=int(batch_size))
         self.net, self.data, self.extra = None, None, {}
 
     def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
         """A new fit on `data`, or (num_new: the transitions just appended) a warm refit from the current weights
         whose budget is what the new data is worth: at most the minibatch updates of `refit_passes` passes over
         it, drawn from all data, early stopping on top."""
-        budget = None if num_new is None else max(1, math.ceil(refit_passes * num_new / 256))
+        batch = self.fit_length["batch_size"]
+        budget = None if num_new is None else max(1, math.ceil(refit_passes * num_new / batch))
         self.net, metrics = fit_world_model(data, self.net if num_new is not None else None, seed=seed,
                                             max_updates=budget, env_id=self.env_id, device=self.device, writer=writer,
                                             global_step=global_step,
@@ -562,17 +566,18 @@ class EnsembleModel(world_model.WorldModel):
 
 
 def dhmbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None, homoscedastic=False, renormalise=False,
-                    bootstrap=False, max_epochs=40, patience=5):
+                    bootstrap=False, max_epochs=40, patience=5, batch_size=256):
     """`--world-model dhmbpo-ensemble`: the reference ensemble at DHMBPO's width (Kubo et al.): 8 members of 256
     units, every member drawn, with 4 hidden layers (erl_lib's released config has 3: `dhmbpo_network`) and no
     layer normalisation or dropout. With svg_imagined.py on HalfCheetah-v5 it did better than MBPO's network
     (README). homoscedastic: DHMBPO's noise model too, one learned level per member and output (off: the reference
     ensemble's, per input). renormalise: refits set the normalisation again from all data (DHMBPO's; off: the
     first fit's stays). bootstrap: DHMBPO's per-member Exp(1) weights on every transition (off: all 1).
-    max_epochs / patience: the fits' length (`EnsembleModel`)."""
+    max_epochs / patience / batch_size: the fits' length (`EnsembleModel`)."""
     return EnsembleModel(env_id, seed=seed, device=device, ensemble_size=8, hidden_size=256, num_layers=4,
                          num_elites=8, homoscedastic=homoscedastic, termination_fn=termination_fn,
-                         renormalise=renormalise, bootstrap=bootstrap, max_epochs=max_epochs, patience=patience)
+                         renormalise=renormalise, bootstrap=bootstrap, max_epochs=max_epochs, patience=patience,
+                         batch_size=batch_size)
 
 
 def dhmbpo_network(env_id, seed=0, device="cpu", termination_fn=None):

@@ -97,3 +97,11 @@ def dhmbpo_long_fit(env_id, seed=0, device="cpu"):
     a 1% gain on validation data (the others: 40 and 5). A warm refit then runs to its budget (--refit-passes)."""
     return ensemble.dhmbpo_ensemble(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id),
                                     homoscedastic=True, max_epochs=300, patience=30)
+
+
+def dhmbpo_big_fit(env_id, seed=0, device="cpu"):
+    """`dhmbpo_long_fit` on minibatches of 2,048 rows, DHMBPO's: eight times the rows per update, for a GPU, where
+    an update of 2,048 rows costs about what one of 256 does. Pass eight times the --refit-passes for the same
+    number of updates per refit (a refit's budget counts passes over the new data)."""
+    return ensemble.dhmbpo_ensemble(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id),
+                                    homoscedastic=True, max_epochs=300, patience=30, batch_size=2048)

@@ -218,6 +218,29 @@ def test_bootstrap_weights_each_members_loss_by_fixed_per_transition_draws():
         ensemble.EnsembleModel("Pendulum-v1", bootstrap="yes")
 
 
+def test_fit_length_options_reach_the_fit_and_the_refit_budget():
+    torch.set_num_threads(1)
+    first = real_env.collect_transitions("Pendulum-v1", 200, seed=0)
+    both = real_env.collect_transitions("Pendulum-v1", 200, seed=0)
+    both.extend(real_env.collect_transitions("Pendulum-v1", 100, seed=1))
+    sizes = dict(ensemble_size=2, hidden_size=16, num_layers=2)
+    model = ensemble.EnsembleModel("Pendulum-v1", max_epochs=3, patience=100, batch_size=64, **sizes)
+    metrics = model.fit(first, seed=0)
+    assert metrics["epochs"] == 3  # max_epochs binds (patience 100 never does)
+    fresh, _ = ensemble.fit_world_model(first, seed=0, max_epochs=3, patience=100, batch_size=64, **sizes)
+    params = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    assert torch.equal(params(model.net), params(fresh))
+    # a refit's budget counts passes over the new data in the model's own minibatches: ceil(3 * 100 / 64) = 5
+    assert model.fit(both, num_new=100, seed=1, refit_passes=3)["updates"] == 5
+    default = ensemble.EnsembleModel("Pendulum-v1", **sizes)
+    default.fit(first, seed=0)
+    assert default.fit(both, num_new=100, seed=1, refit_passes=3)["updates"] <= 2  # ceil(3 * 100 / 256)
+    for bad in (dict(patience=0), dict(max_epochs=2.5), dict(batch_size=True)):
+        (name, value), = bad.items()
+        with pytest.raises(ValueError, match=re.escape(f"EnsembleModel: {name} must be an int >= 1, got {value!r}")):
+            ensemble.EnsembleModel("Pendulum-v1", **bad)
+
+
 def test_critic_bounds_are_the_soft_reward_quantiles_over_one_minus_gamma():
     rewards = torch.arange(100.0).view(1, 100)  # (H=1, B=100): soft rewards 0..99 with alpha 0
     log_probs, alive = torch.zeros(2, 100), torch.ones(2, 100)
