@@ -318,8 +318,10 @@ class EnsembleWorldModel(nn.Module):
     def predict_with_grad(self, obs, action, members, termination=True, sample=False):
         """`predict` with `members`, keeping the autograd graph from obs and action to next_obs and reward: for
         learners that differentiate through imagined steps (svg_imagined.py). obs (B,obs_dim) and action (B,act_dim)
-        float tensors (Box actions), members (B,) long. Each row runs only its own member (the FLOPs of one member:
-        the backward pass costs as much again). sample=False: the member's mean; True: a reparameterised sample,
+        float tensors (Box actions), members (B,) long. On the CPU from _GROUP_MIN_ROWS rows on, each row runs only
+        its own member (the FLOPs of one member: the backward pass costs as much again); elsewhere (a GPU, where a
+        step's cost is its kernel launches, not its FLOPs) all members run in one batched matmul per layer and each
+        row's member is gathered, as in `predict`: the same figures up to fp32 rounding. sample=False: the member's mean; True: a reparameterised sample,
         mean + std * noise (torch's global generator), its gradient through mean and std. Returns next_obs
         (B,obs_dim), reward (B,) and the termination logit (B,), the logit without a graph: where an imagined episode
         ends is not differentiated (termination=False: None, for a caller with its own termination rule)."""
@@ -328,14 +330,21 @@ class EnsembleWorldModel(nn.Module):
                              f"Box actions, this model was fitted for {self.action_space}")
         a = torch.maximum(torch.minimum(action.float(), self.act_high), self.act_low)  # the clip the real env does
         x = self.model_input(obs.float(), a)
-        m, logvar = _by_member(members, self._member_dynamics, x)
+        grouped = x.device.type == "cpu" and len(x) >= _GROUP_MIN_ROWS
+        if grouped:
+            m, logvar = _by_member(members, self._member_dynamics, x)
+        else:  # 8 members looped in Python made an update on an H200 launch-bound: 72 ms (README)
+            rows = torch.arange(len(x), device=x.device)
+            mean, logvar = self(x)
+            m, logvar = mean[members, rows], logvar[members, rows]
         if sample:
             m = m + torch.exp(0.5 * logvar) * torch.randn_like(m)
         next_obs, reward = self._decode(obs.float(), m)
         if not termination:
             return next_obs, reward, None
         with torch.no_grad():
-            logit = _by_member(members, self._member_termination, x.detach(), next_obs.detach())[0]
+            logit = (_by_member(members, self._member_termination, x.detach(), next_obs.detach())[0] if grouped
+                     else self.termination_logits(x.detach(), next_obs.detach())[members, rows])
         return next_obs, reward, logit
 
     def _decode(self, obs, m):

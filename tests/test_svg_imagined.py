@@ -67,6 +67,14 @@ def test_differentiable_step_is_predict_with_a_graph(pendulum_model, rows):
     assert next_obs.requires_grad and reward.requires_grad and not logit.requires_grad
     grad_action, grad_obs = torch.autograd.grad(reward.sum() + next_obs.sum(), (action, obs))
     assert grad_action.abs().sum() > 0 and grad_obs.abs().sum() > 0
+    # blocks of fewer rows run all members and gather (the GPU's path): the same figures and gradients
+    blocks = [net.predict_with_grad(obs[i:i + 100], action[i:i + 100], members[i:i + 100]) for i in range(0, rows, 100)]
+    for got, want in zip(map(torch.cat, zip(*blocks)), (next_obs, reward, logit)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    blocked_obs, blocked_reward = (torch.cat(t) for t in list(zip(*blocks))[:2])
+    for got, want in zip(torch.autograd.grad(blocked_reward.sum() + blocked_obs.sum(), (action, obs)),
+                         (grad_action, grad_obs)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # the interface's step draws the members itself and returns a bool termination
     torch.manual_seed(0)
     stepped = pendulum_model.differentiable_step(obs.detach(), action.detach())
