@@ -321,8 +321,9 @@ class EnsembleWorldModel(nn.Module):
         float tensors (Box actions), members (B,) long. On the CPU from _GROUP_MIN_ROWS rows on, each row runs only
         its own member (the FLOPs of one member: the backward pass costs as much again); elsewhere (a GPU, where a
         step's cost is its kernel launches, not its FLOPs) all members run in one batched matmul per layer and each
-        row's member is gathered, as in `predict`: the same figures up to fp32 rounding. sample=False: the member's mean; True: a reparameterised sample,
-        mean + std * noise (torch's global generator), its gradient through mean and std. Returns next_obs
+        row's member is gathered, as in `predict`: the same figures up to fp32 rounding. sample=False: the member's
+        mean; True: a reparameterised sample, mean + std * noise (torch's global generator), its gradient through
+        mean and std. Returns next_obs
         (B,obs_dim), reward (B,) and the termination logit (B,), the logit without a graph: where an imagined episode
         ends is not differentiated (termination=False: None, for a caller with its own termination rule)."""
         if self.discrete:
