@@ -323,9 +323,9 @@ class EnsembleWorldModel(nn.Module):
         step's cost is its kernel launches, not its FLOPs) all members run in one batched matmul per layer and each
         row's member is gathered, as in `predict`: the same figures up to fp32 rounding. sample=False: the member's
         mean; True: a reparameterised sample, mean + std * noise (torch's global generator), its gradient through
-        mean and std. Returns next_obs
-        (B,obs_dim), reward (B,) and the termination logit (B,), the logit without a graph: where an imagined episode
-        ends is not differentiated (termination=False: None, for a caller with its own termination rule)."""
+        mean and std. Returns next_obs (B,obs_dim), reward (B,) and the termination logit (B,), the logit without a
+        graph: where an imagined episode ends is not differentiated (termination=False: None, for a caller with its
+        own termination rule)."""
         if self.discrete:
             raise ValueError("EnsembleWorldModel.predict_with_grad: a Discrete action has no gradient; it takes "
                              f"Box actions, this model was fitted for {self.action_space}")
