@@ -499,14 +499,14 @@ class EnsembleModel(world_model.WorldModel):
             raise ValueError(f"EnsembleModel: bootstrap must be True or False, got {bootstrap!r}")
         self.bootstrap = bootstrap
         # fit options, not saved with the model (as renormalise and bootstrap)
-        self.fit_length = dict(max_epochs=int(max_epochs), patience=int(patience), batch_size=int(batch_size))
+        self.fit_options = dict(max_epochs=int(max_epochs), patience=int(patience), batch_size=int(batch_size))
         self.net, self.data, self.extra = None, None, {}
 
     def fit(self, data, num_new=None, *, seed=0, refit_passes=20, writer=None, global_step=0):
         """A new fit on `data`, or (num_new: the transitions just appended) a warm refit from the current weights
         whose budget is what the new data is worth: at most the minibatch updates of `refit_passes` passes over
         it, drawn from all data, early stopping on top."""
-        batch = self.fit_length["batch_size"]
+        batch = self.fit_options["batch_size"]
         budget = None if num_new is None else max(1, math.ceil(refit_passes * num_new / batch))
         self.net, metrics = fit_world_model(data, self.net if num_new is not None else None, seed=seed,
                                             max_updates=budget, env_id=self.env_id, device=self.device, writer=writer,
@@ -514,7 +514,7 @@ class EnsembleModel(world_model.WorldModel):
                                             termination_pos_weight=self.termination_pos_weight,
                                             renormalise=self.renormalise,
                                             bootstrap_seed=self.seed if self.bootstrap else None,
-                                            **self.fit_length, **self.sizes)
+                                            **self.fit_options, **self.sizes)
         self.data = data
         return metrics
 

@@ -284,7 +284,7 @@ class EnsembleWorldModel(nn.Module):
         rounding."""
         obs = obs.to(self.device, torch.float32)
         on_cpu = obs.device.type == "cpu"
-        grouped = members is not None and not disagreement and on_cpu and len(obs) >= _GROUP_MIN_ROWS
+        grouped = members is not None and not disagreement and _runs_by_member(obs)
         if on_cpu and not grouped and len(obs) > _CPU_BLOCK:
             action = action if isinstance(action, torch.Tensor) else torch.as_tensor(to_numpy(action))
             parts = [self.predict(obs[i:i + _CPU_BLOCK], action[i:i + _CPU_BLOCK],
@@ -331,7 +331,7 @@ class EnsembleWorldModel(nn.Module):
                              f"Box actions, this model was fitted for {self.action_space}")
         a = torch.maximum(torch.minimum(action.float(), self.act_high), self.act_low)  # the clip the real env does
         x = self.model_input(obs.float(), a)
-        grouped = x.device.type == "cpu" and len(x) >= _GROUP_MIN_ROWS
+        grouped = _runs_by_member(x)
         if grouped:
             m, logvar = _by_member(members, self._member_dynamics, x)
         else:  # 8 members looped in Python made an update on an H200 launch-bound: 72 ms (README)
@@ -376,6 +376,12 @@ class EnsembleWorldModel(nn.Module):
 
 _CPU_BLOCK = 1024  # rows per block of a CPU predict
 _GROUP_MIN_ROWS = 128  # below this, grouping rows by member costs more than the members it skips (measured)
+
+
+def _runs_by_member(rows):
+    """Whether a step on these rows runs each row's member on its own rows (`_by_member`) rather than all members
+    and a gather: only on the CPU, where the FLOPs are the cost, and from _GROUP_MIN_ROWS rows on."""
+    return rows.device.type == "cpu" and len(rows) >= _GROUP_MIN_ROWS
 
 
 def _by_member(members, fn, *inputs):

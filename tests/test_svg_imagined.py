@@ -195,6 +195,11 @@ def test_renormalise_sets_a_refits_normalisation_from_all_the_data():
         ensemble.fit_world_model(both, kept, renormalise="yes")
 
 
+def _params(module):
+    """All of a module's weights as one flat tensor, to compare two fits."""
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
 def test_bootstrap_weights_each_members_loss_by_fixed_per_transition_draws():
     torch.set_num_threads(1)
     buf = real_env.collect_transitions("Pendulum-v1", 400, seed=0)
@@ -212,14 +217,13 @@ def test_bootstrap_weights_each_members_loss_by_fixed_per_transition_draws():
     boot, _ = ensemble.fit_world_model(buf, seed=0, bootstrap_seed=7, **sizes)
     again, _ = ensemble.fit_world_model(buf, seed=0, bootstrap_seed=7, **sizes)
     other, _ = ensemble.fit_world_model(buf, seed=0, bootstrap_seed=8, **sizes)
-    params = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
-    assert torch.equal(params(boot), params(again))
-    assert not torch.equal(params(boot), params(plain)) and not torch.equal(params(boot), params(other))
+    assert torch.equal(_params(boot), _params(again))
+    assert not torch.equal(_params(boot), _params(plain)) and not torch.equal(_params(boot), _params(other))
     model = ensemble.EnsembleModel("Pendulum-v1", seed=7, bootstrap=True, ensemble_size=2, hidden_size=16,
                                    num_layers=2)
     model.fit(buf, seed=0)  # the EnsembleModel's seed seeds the draws
     fresh, _ = ensemble.fit_world_model(buf, seed=0, bootstrap_seed=7, **dict(sizes, max_epochs=40))
-    assert torch.equal(params(model.net), params(fresh))
+    assert torch.equal(_params(model.net), _params(fresh))
     with pytest.raises(ValueError, match=re.escape("bootstrap_seed must be an int or None, got True")):
         ensemble.fit_world_model(buf, bootstrap_seed=True)
     with pytest.raises(ValueError, match=re.escape("EnsembleModel: bootstrap must be True or False, got 'yes'")):
@@ -236,8 +240,7 @@ def test_fit_length_options_reach_the_fit_and_the_refit_budget():
     metrics = model.fit(first, seed=0)
     assert metrics["epochs"] == 3  # max_epochs binds (patience 100 never does)
     fresh, _ = ensemble.fit_world_model(first, seed=0, max_epochs=3, patience=100, batch_size=64, **sizes)
-    params = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
-    assert torch.equal(params(model.net), params(fresh))
+    assert torch.equal(_params(model.net), _params(fresh))
     # a refit's budget counts passes over the new data in the model's own minibatches: ceil(3 * 100 / 64) = 5
     assert model.fit(both, num_new=100, seed=1, refit_passes=3)["updates"] == 5
     default = ensemble.EnsembleModel("Pendulum-v1", **sizes)
