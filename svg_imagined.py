@@ -106,6 +106,14 @@ class Args:
     """If toggled, the first update is a burst of one update (times --utd-ratio) per real step collected so far,
     the distribution rollouts renewed every --model-rollout-every of them, before the policy first acts (DHMBPO's
     warm_start: 5,000 updates after its 5,000 random steps; off: one update per real step from the first)."""
+    train_frequency: int = 1
+    """The updates come in bursts: after every this many real steps (and the refit due then), this many times
+    --utd-ratio updates, the policy fixed while it collects and the distribution rollouts renewed every
+    --model-rollout-every updates of a burst (DHMBPO: 1,000, after each episode; 1: --utd-ratio updates after
+    every real step, the distribution rollouts every --model-rollout-every real steps)."""
+    reset_optimizers: bool = False
+    """If toggled, the actor's, the critics' and the entropy coefficient's Adam optimisers start afresh after
+    every refit (DHMBPO's init_optimizer after each model update; off: they keep their moment estimates)."""
 
     # SAC (CleanRL names)
     num_critics: int = 5
@@ -256,8 +264,8 @@ def check_args(args):
                           "sac_imagined.py trains on any model's imagined envs.")
     ru.check_positive(args, "total_timesteps", "initial_real_steps", "refit_every", "refit_passes",
                       "model_rollout_every", "rollout_batch_size", "imagined_horizon", "model_retain_rollouts",
-                      "training_horizon", "utd_ratio", "num_critics", "min_of_critics", "hidden_size", "batch_size",
-                      "eval_episodes", "num_threads", "stop_after_evals")
+                      "training_horizon", "utd_ratio", "train_frequency", "num_critics", "min_of_critics",
+                      "hidden_size", "batch_size", "eval_episodes", "num_threads", "stop_after_evals")
     if args.model_noise and "sample" not in inspect.signature(model.differentiable_step).parameters:
         raise ru.ArgError("--model-noise", "a model whose differentiable_step takes sample=True (world_model.py)",
                           args.world_model, f"{type(model).__name__}.differentiable_step has no `sample`: "
@@ -324,13 +332,16 @@ if __name__ == "__main__":
         critic_horizon = args.training_horizon if args.critic_horizon is None else args.critic_horizon
         q_params, q_target_params = list(qf.parameters()), list(qf_target.parameters())
         actor_params = list(actor.parameters())
-        q_optimizer = optim.Adam(q_params, lr=args.q_lr, fused=True)
-        actor_optimizer = optim.Adam(actor_params, lr=args.policy_lr, fused=True)
         log_alpha = torch.full((1,), float(np.log(args.alpha)), requires_grad=args.autotune, device=device)
         alpha = args.alpha
-        if args.autotune:
-            target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
-            alpha_optimizer = optim.Adam([log_alpha], lr=args.q_lr)
+        target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
+
+        def new_optimizers():
+            """The critics', the actor's and the entropy coefficient's Adam optimisers, their moments at zero."""
+            return (optim.Adam(q_params, lr=args.q_lr, fused=True),
+                    optim.Adam(actor_params, lr=args.policy_lr, fused=True), optim.Adam([log_alpha], lr=args.q_lr))
+
+        q_optimizer, actor_optimizer, alpha_optimizer = new_optimizers()
 
         # the real env seen through the model, the replay `rb` of what the policy sees, the model's `log` of raw data
         real = dyna.RealSteps(model, data, args, obs_dim, act_space.shape, log, writer)
@@ -360,7 +371,8 @@ if __name__ == "__main__":
             writer.add_scalar("world_model/rollout_terminated_fraction", imagined["terminated"].mean(), global_step)
 
         collected = figures["real_env_steps"] if args.world_model_path is None else 0
-        since_refit, since_rollout, num_updates = 0, 0, 0
+        since_refit, since_rollout, since_train, num_updates, refit_pending = 0, 0, 0, 0, False
+        per_step_rollouts = args.train_frequency == 1  # else the bursts renew the start states themselves
         timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
         figures["critic_only_updates"] = figures["warm_start_updates"] = 0
         global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
@@ -383,25 +395,35 @@ if __name__ == "__main__":
                 since_refit, drawn_after, refitted = 0, last_eval, True
                 if args.critic_updates_after_refit:
                     start_rb.clear()
+                if args.reset_optimizers:
+                    q_optimizer, actor_optimizer, alpha_optimizer = new_optimizers()
             if args.normalize_obs and (refitted or num_updates == 0):
                 sac.set_obs_stats(rb.obs[:rb.size], actor, qf, qf_target)
-            if start_rb.size == 0 or since_rollout >= args.model_rollout_every:
+            if start_rb.size == 0 or (per_step_rollouts and since_rollout >= args.model_rollout_every):
                 distribution_rollouts(args.seed * 1_000_003 + global_step)
                 since_rollout = 0
 
             t0, rollout_seconds = time.time(), timings["rollout_seconds"]
-            critic_only = args.critic_updates_after_refit if refitted else 0
+            # --utd-ratio updates per real step since the last ones: after every --train-frequency real steps, and
+            # at the first learning step (its one step's worth)
+            since_train += 1
+            due = since_train * args.utd_ratio if since_train >= args.train_frequency or num_updates == 0 else 0
+            since_train = 0 if due else since_train
+            refit_pending = refit_pending or refitted  # the critics' updates alone come before the next burst
+            critic_only = args.critic_updates_after_refit if refit_pending and due else 0
+            refit_pending = refit_pending and not due
             figures["critic_only_updates"] += critic_only
             # the first step's own updates and the burst: one (times --utd-ratio) per real step collected so far
             warm = (rb.size - 1) * args.utd_ratio if args.warm_start and num_updates == 0 else 0
             if warm:
                 figures["warm_start_updates"] = warm
                 print(f"[{TAG}] warm start: {warm:,} updates before the policy acts (minutes for MuJoCo)")
-            for update in range(critic_only + warm + args.utd_ratio):
+            for update in range(critic_only + warm + due):
                 num_updates += 1
                 actor_moves = update >= critic_only
                 burst = update - critic_only
-                if 0 < burst < warm and burst % (args.model_rollout_every * args.utd_ratio) == 0:
+                if burst % (args.model_rollout_every * args.utd_ratio) == 0 and \
+                        (0 < burst < warm or (not per_step_rollouts and burst >= 0)):
                     # fresh starts from the actor the burst has trained so far, as one per real step would have
                     seed = np.random.SeedSequence([args.seed, global_step, burst]).generate_state(1)[0]
                     distribution_rollouts(int(seed))
