@@ -334,6 +334,19 @@ def test_warm_start_bursts_one_update_per_random_step_with_fresh_rollouts(tmp_pa
     assert summary["rollout_batches"] == 3 + 12
 
 
+def test_train_frequency_bursts_updates_and_reset_optimizers_starts_adam_afresh(tmp_path, monkeypatch):
+    scope, summary = _run(tmp_path, monkeypatch, TINY + ["--train-frequency", "10", "--reset-optimizers"])
+    assert summary["status"] == "finished" and summary["refits"] == 1
+    # TINY's 50 learning steps: the first step's own update, then bursts of 10 after every 10 real steps (4 of
+    # them; the last 9 steps are not yet due)
+    assert summary["updates"] == 1 + 4 * 10
+    # the start states: the first step's (an empty buffer) and one batch at the start of each of the 5 bursts
+    assert summary["rollout_batches"] == 1 + 5
+    # the refit (after 40 real steps) gave the optimisers fresh moments: the actor's has seen the last burst only
+    assert [state["step"].item() for state in scope["actor_optimizer"].state.values()][0] == 10
+    assert len(scope["q_optimizer"].state) > 0 and len(scope["alpha_optimizer"].state) == 1
+
+
 def test_in_bound_units_maps_outputs_onto_the_bounds():
     q = torch.tensor([[-1.0, 0.0, 1.0]])
     torch.testing.assert_close(svg.in_bound_units(q, torch.tensor([10.0, 30.0])), torch.tensor([[10.0, 20.0, 30.0]]))
@@ -407,6 +420,7 @@ def test_dhmbpo_networks_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, c
     (["--world-model", "rssm"], "RSSMModel lacks differentiable_step"),
     (["--min-of-critics", "6"], "--min-of-critics"),
     (["--training-horizon", "0"], "--training-horizon"),
+    (["--train-frequency", "0"], "--train-frequency"),
     (["--gamma", "1.0", "--bounded-critics"], "Drop --bounded-critics"),
     (["--gamma", "1.0", "--scaled-critics"], "Drop --scaled-critics"),
     (["--critic-horizon", "6"], "--critic-horizon"),
