@@ -216,13 +216,19 @@ class SoftQNetworks(nn.Module):
 
 LOG_STD_MAX, LOG_STD_MIN = 2, -5
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+LOG_2 = math.log(2.0)
 
 
 class Actor(nn.Module):
-    """A tanh-squashed Gaussian policy whose actions are rescaled to the bounds of the Box action space."""
+    """A tanh-squashed Gaussian policy whose actions are rescaled to the bounds of the Box action space.
+    exact_log_prob: the squashing's log-determinant log(1 - tanh(x)^2) in its exact, stable form (no 1e-6 floor,
+    so a saturated action keeps its entropy penalty and its gradient); orthogonal_init: orthogonal weights and zero
+    biases (both DHMBPO's actor; off: CleanRL's floor and torch's default initialisation)."""
 
-    def __init__(self, obs_dim, action_space, hidden_size=256, normalize_obs=False, hidden_layers=2, activation="relu"):
+    def __init__(self, obs_dim, action_space, hidden_size=256, normalize_obs=False, hidden_layers=2, activation="relu",
+                 exact_log_prob=False, orthogonal_init=False):
         super().__init__()
+        self.exact_log_prob = exact_log_prob
         add_obs_stats(self, obs_dim, normalize_obs)
         act_dim = int(np.prod(action_space.shape))
         self.activation = ACTIVATIONS[activation]
@@ -235,6 +241,11 @@ class Actor(nn.Module):
         high, low = np.asarray(action_space.high, np.float32), np.asarray(action_space.low, np.float32)
         self.register_buffer("action_scale", torch.tensor((high - low) / 2.0, dtype=torch.float32))
         self.register_buffer("action_bias", torch.tensor((high + low) / 2.0, dtype=torch.float32))
+        if orthogonal_init:
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.orthogonal_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x):
         x = normalized(self, x)
@@ -252,7 +263,8 @@ class Actor(nn.Module):
         """The actor a run with these args (a saved agent's "args") built: the flags an older run lacks at their
         defaults."""
         return cls(obs_dim, action_space, run_args["hidden_size"], run_args.get("normalize_obs", False),
-                   run_args.get("hidden_layers", 2), run_args.get("activation", "relu"))
+                   run_args.get("hidden_layers", 2), run_args.get("activation", "relu"),
+                   run_args.get("exact_log_prob", False), run_args.get("orthogonal_init", False))
 
     def get_action(self, x):
         """Returns a sampled action (reparameterised), its log-probability (B,) and the deterministic action."""
@@ -263,7 +275,11 @@ class Actor(nn.Module):
         action = y_t * self.action_scale + self.action_bias
         # log N(x_t; mean, std) is -eps^2/2 - log std - log(2 pi)/2 (Normal.log_prob's value and gradients, fewer ops),
         # then the change of variables for the tanh squashing and the rescaling
-        log_prob = -0.5 * eps.pow(2) - log_std - HALF_LOG_2PI - torch.log(self.action_scale * (1 - y_t.pow(2)) + 1e-6)
+        if self.exact_log_prob:  # log(1 - tanh(x)^2) = 2 (log 2 - x - softplus(-2x)), exact for any x
+            squash = 2.0 * (LOG_2 - x_t - F.softplus(-2.0 * x_t)) + torch.log(self.action_scale)
+        else:
+            squash = torch.log(self.action_scale * (1 - y_t.pow(2)) + 1e-6)
+        log_prob = -0.5 * eps.pow(2) - log_std - HALF_LOG_2PI - squash
         return action, log_prob.sum(1), torch.tanh(mean) * self.action_scale + self.action_bias
 
 

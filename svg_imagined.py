@@ -20,9 +20,9 @@
 # Amos et al. 2021 (SAC-SVG(H)), Feinberg et al. 2018 (MVE), Janner et al. 2019 (MBPO), Kubo et al. (DHMBPO, arXiv
 # 2512.15439), whose released settings are the defaults here but its networks (--hidden-size, --hidden-layers,
 # --activation, --critic-layer-norm, --critic-dropout), its MuJoCo schedule (--initial-real-steps 5000, --refit-every
-# 1000, --warm-start) and six pieces, all flags off by default, the first four because they did not help with MBPO's
-# model (--model-noise, --bounded-critics, --normalize-obs, --critic-updates-after-refit, --scaled-critics,
-# --critic-horizon; README).
+# 1000, --warm-start, --train-frequency 1000, --reset-optimizers), its actor (--exact-log-prob, --orthogonal-init) and
+# six pieces, all flags off by default, the first four because they did not help with MBPO's model (--model-noise,
+# --bounded-critics, --normalize-obs, --critic-updates-after-refit, --scaled-critics, --critic-horizon; README).
 import inspect
 import os
 import sys
@@ -144,6 +144,13 @@ class Args:
     """The number of hidden layers of the actor and of each critic (DHMBPO: 3)."""
     activation: Literal["relu", "silu"] = "relu"
     """The activation of the actor's and critics' hidden layers (DHMBPO: silu)."""
+    exact_log_prob: bool = False
+    """If toggled, the actor's log-probabilities take the tanh squashing's exact log-determinant, 2 (log 2 - x -
+    softplus(-2x)), where CleanRL's log(1 - tanh(x)^2 + 1e-6) floors it: a saturated action keeps its entropy
+    penalty and that penalty's gradient (DHMBPO's actor)."""
+    orthogonal_init: bool = False
+    """If toggled, the actor's layers start from orthogonal weights and zero biases (DHMBPO's actor; off: torch's
+    default initialisation)."""
     critic_layer_norm: bool = False
     """If toggled, the input of every critic layer after the first is layer-normalised, without affine weights
     (DHMBPO's critics)."""

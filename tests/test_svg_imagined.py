@@ -384,6 +384,37 @@ def test_dhmbpo_critics_layer_norm_dropout_and_depth():
     assert torch.equal(dropped(obs, act), dropped(obs, act))
 
 
+def test_exact_log_prob_is_the_squashed_gaussians_and_orthogonal_init():
+    space = gym.spaces.Box(-2.0, 2.0, (3,))
+    torch.manual_seed(0)
+    exact = sac.Actor.from_run_args({"hidden_size": 16, "exact_log_prob": True, "orthogonal_init": True}, 4, space)
+    floored = sac.Actor(4, space, hidden_size=16)
+    floored.load_state_dict(exact.state_dict())
+    obs = torch.randn(64, 4)
+    with torch.no_grad():  # large means: half the rows saturate
+        exact.fc_mean.bias.copy_(torch.tensor([0.0, 4.0, 12.0]))
+        floored.fc_mean.bias.copy_(exact.fc_mean.bias)
+    torch.manual_seed(1)
+    action, log_prob, _ = exact.get_action(obs)
+    torch.manual_seed(1)
+    action_floored, log_prob_floored, _ = floored.get_action(obs)
+    torch.testing.assert_close(action, action_floored)
+    # the value torch.distributions gives the same draw: a Normal through tanh, then scaled by 2
+    mean, log_std = exact(obs)
+    dist = torch.distributions.TransformedDistribution(torch.distributions.Normal(mean, log_std.exp()), [
+        torch.distributions.transforms.TanhTransform(), torch.distributions.transforms.AffineTransform(0.0, 2.0)])
+    x = torch.atanh((action / 2).clamp(-1 + 1e-7, 1 - 1e-7))  # the pre-squash draw, where it is not saturated
+    assert torch.isfinite(log_prob).all()
+    unsaturated = (x.abs() < 3).all(1)
+    torch.testing.assert_close(log_prob[unsaturated], dist.log_prob(action).sum(1)[unsaturated], rtol=1e-4, atol=1e-4)
+    # at |x| ~ 12 the floor caps the correction near -log(2e-6); the exact one grows with |x|
+    assert (log_prob - log_prob_floored).min() > -1e-3 and (log_prob - log_prob_floored).max() > 5.0
+    # orthogonal init: orthonormal rows (fc2 is square) and zero biases; the default init is neither
+    torch.testing.assert_close(exact.fc2.weight @ exact.fc2.weight.T, torch.eye(16), atol=1e-5, rtol=0)
+    assert torch.count_nonzero(exact.fc1.bias) == 0
+    assert torch.count_nonzero(sac.Actor(4, space, hidden_size=16).fc1.bias) > 0
+
+
 def test_deeper_actor_keeps_a_two_layer_actors_keys_and_rebuilds_from_run_args():
     space = gym.spaces.Box(-1.0, 1.0, (2,))
     two = sac.Actor(4, space, hidden_size=8)
