@@ -8,6 +8,7 @@ nothing, so a plain `python ppo_imagined.py` computes exactly what it computed b
 """
 import dataclasses
 import os
+import sys
 import tempfile
 from collections import defaultdict
 
@@ -132,10 +133,15 @@ class DataParallel:
     def close(self):
         """Tear the process group down on every rank together: destroy_process_group is collective, and a rank
         that tore down while rank 0 still evaluated was seen to abort (SIGABRT, 'terminate called without an
-        active exception') under load, after which torchrun stopped rank 0 mid-run."""
+        active exception') under load, after which torchrun stopped rank 0 mid-run. A rank other than 0 then ends
+        its process here: it has written nothing to keep, and the same abort was seen once more, rarely, in a
+        follower's interpreter shutdown after rank 0 had finished (gloo's threads freeing tensors at exit)."""
         if self.active and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+            if not self.leader:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(0)
 
 
 class _NullWriter:
