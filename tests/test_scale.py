@@ -179,13 +179,17 @@ def test_every_rank_reaches_the_teardown_before_the_process_group_goes(monkeypat
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: calls.append(f"exit {code}"))
     ddp = distributed.DataParallel.__new__(distributed.DataParallel)
     ddp.world_size, ddp.rank, ddp.leader = 2, 1, False
-    ddp.close()
-    assert calls == ["barrier", "destroy"]
+    ddp.close()  # a follower then ends its process, with nothing left for its interpreter's shutdown to tear down
+    assert calls == ["barrier", "destroy", "exit 0"]
+    ddp.rank, ddp.leader = 0, True
+    ddp.close()  # rank 0 returns to finish its run
+    assert calls == ["barrier", "destroy", "exit 0", "barrier", "destroy"]
     ddp.world_size = 1  # one process: nothing to tear down
     ddp.close()
-    assert calls == ["barrier", "destroy"]
+    assert calls == ["barrier", "destroy", "exit 0", "barrier", "destroy"]
 
 
 def test_torchrun_two_processes_train_one_run(tmp_path):
