@@ -155,8 +155,8 @@ class Args:
     """If toggled, the input of every critic layer after the first is layer-normalised, without affine weights
     (DHMBPO's critics)."""
     critic_dropout: float = 0.0
-    """The dropout rate after every hidden layer of the critics, in their targets and the actor's loss as well
-    (DHMBPO: 1e-3; 0: none)."""
+    """The dropout rate after every hidden layer of the critics, in their regression and the actor's loss, not in
+    the target critics (DHMBPO: 1e-3; 0: none)."""
     gamma: float = 0.99
     """The discount factor gamma."""
     tau: float = 0.005
@@ -336,6 +336,7 @@ if __name__ == "__main__":
         if args.scaled_critics:  # every critic starts at the bounds' center
             torch.nn.init.zeros_(qf.weights[-1]), torch.nn.init.zeros_(qf.biases[-1])
         qf_target.load_state_dict(qf.state_dict())
+        qf_target.eval()  # no dropout in the targets (erl_lib's target critics run in eval mode)
         critic_horizon = args.training_horizon if args.critic_horizon is None else args.critic_horizon
         q_params, q_target_params = list(qf.parameters()), list(qf_target.parameters())
         actor_params = list(actor.parameters())

@@ -436,6 +436,7 @@ def test_dhmbpo_networks_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, c
     qf, qf_target, actor = scope["qf"], scope["qf_target"], scope["actor"]
     for net in (qf, qf_target):
         assert len(net.weights) == 4 and net.layer_norm and net.dropout == 1e-3
+    assert qf.training and not qf_target.training  # dropout in the regression and the actor's loss, not the targets
     assert len(actor.fc_deeper) == 1 and actor.activation is torch.nn.functional.silu
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", [SCRIPT, "--eval-checkpoint", summary["agent_path"]])
