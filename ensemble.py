@@ -580,14 +580,17 @@ def dhmbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None, homosceda
                          batch_size=batch_size)
 
 
-def dhmbpo_network(env_id, seed=0, device="cpu", termination_fn=None):
+def dhmbpo_network(env_id, seed=0, device="cpu", termination_fn=None, renormalise=False, bootstrap=False,
+                   max_epochs=40, patience=5):
     """DHMBPO's dynamics network as erl_lib releases it (`config/agent/dynamics_model/deep_ensemble.yaml`): 8 members
     of 3 hidden layers of 256 SiLU units, every member drawn, one learned noise level per member and output, layer
     normalisation and dropout 0.01 by depth. Not here: its AdamW weight decay growing with depth (at most 1e-3,
-    decoupled), its 2,048-row minibatches and its initialisation."""
+    decoupled), its 2,048-row minibatches and its initialisation. renormalise / bootstrap / max_epochs / patience:
+    the fits, as in `dhmbpo_ensemble`."""
     return EnsembleModel(env_id, seed=seed, device=device, ensemble_size=8, hidden_size=256, num_layers=3,
                          num_elites=8, homoscedastic=True, layer_norm=True, dropout=0.01,
-                         termination_fn=termination_fn)
+                         termination_fn=termination_fn, renormalise=renormalise, bootstrap=bootstrap,
+                         max_epochs=max_epochs, patience=patience)
 
 
 def mbpo_ensemble(env_id, seed=0, device="cpu", termination_fn=None):

@@ -108,10 +108,8 @@ def dhmbpo_big_fit(env_id, seed=0, device="cpu"):
 
 
 def dhmbpo_full(env_id, seed=0, device="cpu"):
-    """All of erl_lib's model pieces at once: `dhmbpo_network` (3 hidden layers of 256, its noise model, layer
-    normalisation, dropout) fitted as `dhmbpo_renormalise`, `dhmbpo_bootstrap` and `dhmbpo_long_fit` are. Meant
-    for erl_lib's schedule (--refit-every 1000), where its 15 long fits cost about what 76 short ones do."""
-    return ensemble.EnsembleModel(env_id, seed=seed, device=device, ensemble_size=8, hidden_size=256, num_layers=3,
-                                  num_elites=8, homoscedastic=True, layer_norm=True, dropout=0.01,
-                                  termination_fn=termination_rule(env_id), renormalise=True, bootstrap=True,
-                                  max_epochs=300, patience=30)
+    """All of erl_lib's model pieces at once: `dhmbpo_network` fitted as `dhmbpo_renormalise`, `dhmbpo_bootstrap`
+    and `dhmbpo_long_fit` are. Meant for erl_lib's schedule (--refit-every 1000), where its 15 long fits cost about
+    what 76 short ones do."""
+    return ensemble.dhmbpo_network(env_id, seed=seed, device=device, termination_fn=termination_rule(env_id),
+                                   renormalise=True, bootstrap=True, max_epochs=300, patience=30)
