@@ -356,6 +356,17 @@ def test_known_termination_model_by_its_spec():
         ensemble_imagination.Imagination(termination_fn=0.5)
 
 
+def test_known_termination_full_dhmbpo_model_keeps_its_fit_options():
+    import world_model
+
+    model = world_model.make(f"{KNOWN_TERMINATION}:dhmbpo_full", "Hopper-v5")
+    assert model.termination_fn is not None and model.renormalise and model.bootstrap
+    assert model.fit_options == dict(max_epochs=300, patience=30, batch_size=256)
+    assert model.sizes == dict(ensemble_size=8, hidden_size=256, num_layers=3, num_elites=8, homoscedastic=True,
+                               layer_norm=True, dropout=0.01)
+    with pytest.raises(ValueError, match="max_epochs must be an int >= 1, got 0"):
+        ensemble.dhmbpo_network("Hopper-v5", max_epochs=0)
+
 def test_hopper_gait_reports_each_episode(tmp_path):
     import rl_utils as ru
     import sac_imagined
