@@ -7,6 +7,13 @@ For each deterministic episode (the actor's tanh of the mean, as the evaluations
 return, the length and how it ended, how far the torso moved (`qpos[0]`), the mean `info["x_velocity"]`, the share
 of steps with no contact between the body and the floor, and the number of take-offs (contact, then none).
 For agents whose policy sees the real observation (the ensembles' runs and `--world-model none`).
+
+With `--foresight`, for each episode that terminated (the Hopper fell), the run's world model (the world_model.pt
+beside the agent) is asked whether it saw the fall coming: from the real state k steps before the fall (k in
+FORESIGHT_STEPS), FORESIGHT_ROWS imagined rows (a random member per row and step, the known or learned termination
+rule) follow the same deterministic policy for k steps; the share of rows that terminate within them. A share near
+1 far ahead: the model saw the fall and the policy did not avoid it (a value, horizon or optimisation matter); near 0
+up to the last steps: the model did not see it (a model matter).
 """
 import argparse
 import os
@@ -17,11 +24,32 @@ import mujoco
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dyna  # noqa: E402
+import real_env  # noqa: E402
 import rl_utils as ru  # noqa: E402
 from sac_imagined import Actor, policy_fn  # noqa: E402
 
+FORESIGHT_STEPS = (30, 20, 10, 5)
+FORESIGHT_ROWS = 64
 
-def gait(agent_path, episodes=5, first_seed=10_000):
+
+def fall_foresight(model, act, start_obs, steps, seed=0):
+    """The share of FORESIGHT_ROWS imagined rows from start_obs (d,) that terminate within `steps` model steps of
+    the deterministic policy `act` (the model's imagined vector env: a random member per row and step)."""
+    envs = model.imagined_vector_env(FORESIGHT_ROWS, seed=seed, horizon=steps, start="buffer")
+    obs = real_env.to_numpy(envs.reset(seed=seed, options={"states": np.repeat(start_obs[None], FORESIGHT_ROWS, 0)})[0])
+    alive, fell = np.ones(FORESIGHT_ROWS, bool), np.zeros(FORESIGHT_ROWS, bool)
+    for _ in range(steps):
+        obs, _, terminated, truncated, _ = envs.step(real_env.clip_action(act(obs), envs.single_action_space))
+        obs = real_env.to_numpy(obs)
+        terminated, truncated = (real_env.to_numpy(x).astype(bool) for x in (terminated, truncated))
+        fell |= alive & terminated
+        alive &= ~(terminated | truncated)
+    envs.close()
+    return float(fell.mean())
+
+
+def gait(agent_path, episodes=5, first_seed=10_000, foresight=False):
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise SystemExit(f"hopper_gait.py: --episodes expected an integer >= 1, got {episodes!r}")
     if not os.path.isfile(agent_path):
@@ -36,21 +64,34 @@ def gait(agent_path, episodes=5, first_seed=10_000):
     actor = Actor.from_run_args(payload["args"], env.observation_space.shape[0], env.action_space)
     actor.load_state_dict(payload["state_dicts"]["actor"])
     act = policy_fn(actor, "cpu", deterministic=True)  # as the evaluations act
+    world = None  # the run's world model, with --foresight
+    if foresight:
+        if payload["args"].get("world_model", "none") == "none" or not payload.get("world_model_path"):
+            raise SystemExit(f"hopper_gait.py: --foresight needs a run with a world model (its world_model.pt); "
+                             f"{agent_path} records none (world_model {payload['args'].get('world_model')!r})")
+        try:
+            world = dyna.agent_world_model(payload, agent_path)
+        except ru.ArgError as e:
+            raise SystemExit(f"hopper_gait.py: --foresight needs the run's world model: {e}") from None
     rows = []
     for episode in range(episodes):
         obs, _ = env.reset(seed=first_seed + episode)
-        x0, ret, velocities, airborne = float(data.qpos[0]), 0.0, [], []
+        x0, ret, velocities, airborne, states = float(data.qpos[0]), 0.0, [], [], [obs]
         while True:
             obs, reward, terminated, truncated, info = env.step(act(obs[None])[0])
             ret += float(reward)
             velocities.append(info["x_velocity"])
             airborne.append(not any(floor in (data.contact[i].geom1, data.contact[i].geom2) for i in range(data.ncon)))
+            states.append(obs)
             if terminated or truncated:
                 break
         air = np.array(airborne)
         rows.append({"return": ret, "length": len(air), "ended": "terminated" if terminated else "truncated",
                      "x_displacement": float(data.qpos[0]) - x0, "x_velocity": float(np.mean(velocities)),
                      "airborne": float(air.mean()), "take_offs": int(np.sum(air[1:] & ~air[:-1]))})
+        if world is not None and terminated:
+            rows[-1]["foresight"] = {k: fall_foresight(world, act, states[-1 - k], k, seed=first_seed + episode)
+                                     for k in FORESIGHT_STEPS if k < len(states)}
     env.close()
     return rows
 
@@ -59,8 +100,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("agent_path")
     parser.add_argument("--episodes", type=int, default=5)
+    parser.add_argument("--foresight", action="store_true",
+                        help="for each fall, the share of imagined rows that fall within k steps of the real state "
+                             "k steps before it (needs the run's world_model.pt)")
     cli = parser.parse_args()
-    for i, row in enumerate(gait(cli.agent_path, cli.episodes)):
+    for i, row in enumerate(gait(cli.agent_path, cli.episodes, foresight=cli.foresight)):
+        seen = row.get("foresight")
+        seen = f"; imagined rows that fall within {' / '.join(map(str, seen))} steps of the state that many " \
+               f"before the fall: {' / '.join(f'{v:.0%}' for v in seen.values())}" if seen else ""
         print(f"episode {i}: return {row['return']:.1f}, {row['length']} steps ({row['ended']}), torso moved "
               f"{row['x_displacement']:.2f} m, mean x_velocity {row['x_velocity']:.3f} m/s, airborne "
-              f"{row['airborne']:.2f} of the steps, {row['take_offs']} take-offs")
+              f"{row['airborne']:.2f} of the steps, {row['take_offs']} take-offs{seen}")

@@ -381,6 +381,22 @@ def test_hopper_gait_reports_each_episode(tmp_path):
     assert row["ended"] in ("terminated", "truncated") and 1 <= row["length"] <= 1000
     assert 0.0 <= row["airborne"] <= 1.0 and 0 <= row["take_offs"] <= row["length"]
     assert row["x_velocity"] == pytest.approx(row["x_displacement"] / (row["length"] * env.unwrapped.dt), rel=0.05)
+    with pytest.raises(SystemExit, match="--foresight needs a run with a world model .* records none"):
+        gait(path, episodes=1, foresight=True)
+    # --foresight: the run's world model, rolled from the real states before the fall
+    buf = real_env.collect_transitions("Hopper-v5", 300, seed=0)
+    model, _ = ensemble.fit_world_model(buf, seed=0, ensemble_size=2, hidden_size=16, num_layers=2, max_epochs=1)
+    model_path = str(tmp_path / "world_model.pt")
+    ensemble.save_world_model(model, model_path, buffer=buf)
+    ru.save_agent(path, {"actor": actor.state_dict()},
+                  sac_imagined.Args(env_id="Hopper-v5", hidden_size=16, world_model="ensemble"), model_path)
+    (seen,) = gait(path, episodes=1, foresight=True)
+    assert seen["ended"] == "terminated" and {k: v for k, v in seen.items() if k != "foresight"} == row
+    steps = [k for k in (30, 20, 10, 5) if k <= seen["length"]]  # from the reset state on
+    assert list(seen["foresight"]) == steps and all(0.0 <= v <= 1.0 for v in seen["foresight"].values())
+    os.remove(model_path)
+    with pytest.raises(SystemExit, match="--foresight needs the run's world model"):
+        gait(path, episodes=1, foresight=True)
     ru.save_agent(path, {"actor": actor.state_dict()}, sac_imagined.Args(env_id="Walker2d-v5", hidden_size=16))
     with pytest.raises(SystemExit, match="expected Hopper-v5"):
         gait(path)
