@@ -200,6 +200,15 @@ class SoftQNetworks(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
+    @classmethod
+    def from_run_args(cls, run_args, obs_dim, act_dim):
+        """The critics a run with these args (a saved agent's "args") built: the flags a run lacks at their defaults
+        (sac_imagined.py's twin critics; svg_imagined.py's ensemble and DHMBPO's shape)."""
+        return cls(obs_dim, act_dim, run_args["hidden_size"], run_args.get("num_critics", 2),
+                   run_args.get("normalize_obs", False), run_args.get("hidden_layers", 2),
+                   run_args.get("activation", "relu"), run_args.get("critic_layer_norm", False),
+                   run_args.get("critic_dropout", 0.0))
+
     def forward(self, x, a):
         x = normalized(self, x)
         h = torch.cat([x, a], 1).expand(len(self.weights[0]), -1, -1)
@@ -407,8 +416,8 @@ if __name__ == "__main__":
         figures, timings, writer = run.figures, run.timings, run.writer
         obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
         actor = nets["actor"] = Actor(obs_dim, act_space, args.hidden_size).to(device)
-        qf = nets["qf"] = SoftQNetworks(obs_dim, act_dim, args.hidden_size).to(device)  # both critics
-        qf_target = SoftQNetworks(obs_dim, act_dim, args.hidden_size).to(device)
+        qf = nets["qf"] = SoftQNetworks.from_run_args(vars(args), obs_dim, act_dim).to(device)  # both critics
+        qf_target = SoftQNetworks.from_run_args(vars(args), obs_dim, act_dim).to(device)
         qf_target.load_state_dict(qf.state_dict())
         # fused: one kernel for all parameters (on the CPU Adam otherwise loops over them one op at a time)
         q_params, q_target_params = list(qf.parameters()), list(qf_target.parameters())

@@ -329,10 +329,8 @@ if __name__ == "__main__":
         figures, timings, writer = run.figures, run.timings, run.writer
         obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
         actor = nets["actor"] = sac.Actor.from_run_args(vars(args), obs_dim, act_space).to(device)
-        critic_shape = dict(num_q=args.num_critics, normalize_obs=args.normalize_obs, hidden_layers=args.hidden_layers,
-                            activation=args.activation, layer_norm=args.critic_layer_norm, dropout=args.critic_dropout)
-        qf = nets["qf"] = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, **critic_shape).to(device)
-        qf_target = sac.SoftQNetworks(obs_dim, act_dim, args.hidden_size, **critic_shape).to(device)
+        qf = nets["qf"] = sac.SoftQNetworks.from_run_args(vars(args), obs_dim, act_dim).to(device)
+        qf_target = sac.SoftQNetworks.from_run_args(vars(args), obs_dim, act_dim).to(device)
         if args.scaled_critics:  # every critic starts at the bounds' center
             torch.nn.init.zeros_(qf.weights[-1]), torch.nn.init.zeros_(qf.biases[-1])
         qf_target.load_state_dict(qf.state_dict())

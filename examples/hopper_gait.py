@@ -14,6 +14,11 @@ FORESIGHT_STEPS), FORESIGHT_ROWS imagined rows (a random member per row and step
 rule) follow the same deterministic policy for k steps; the share of rows that terminate within them. A share near
 1 far ahead: the model saw the fall and the policy did not avoid it (a value, horizon or optimisation matter); near 0
 up to the last steps: the model did not see it (a model matter).
+
+With `--critics`, the run's critics' mean Q(s, a) of the states and actions of each fall's episode at its start and
+at CRITIC_STEPS steps before the fall: the raw outputs, in units of the tracked bounds for a `--scaled-critics` run
+(which the checkpoint does not keep; -1 and +1 are their lower and upper bound). A value that sinks long before the
+fall: the critics saw it coming.
 """
 import argparse
 import os
@@ -22,15 +27,17 @@ import sys
 import gymnasium as gym
 import mujoco
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dyna  # noqa: E402
 import real_env  # noqa: E402
 import rl_utils as ru  # noqa: E402
-from sac_imagined import Actor, policy_fn  # noqa: E402
+from sac_imagined import Actor, SoftQNetworks, policy_fn  # noqa: E402
 
 FORESIGHT_STEPS = (30, 20, 10, 5)
 FORESIGHT_ROWS = 64
+CRITIC_STEPS = (200, 100, 60, 30, 10, 1)
 
 
 def fall_foresight(model, act, start_obs, steps, seed=0):
@@ -49,7 +56,7 @@ def fall_foresight(model, act, start_obs, steps, seed=0):
     return float(fell.mean())
 
 
-def gait(agent_path, episodes=5, first_seed=10_000, foresight=False):
+def gait(agent_path, episodes=5, first_seed=10_000, foresight=False, critics=False):
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise SystemExit(f"hopper_gait.py: --episodes expected an integer >= 1, got {episodes!r}")
     if not os.path.isfile(agent_path):
@@ -73,12 +80,21 @@ def gait(agent_path, episodes=5, first_seed=10_000, foresight=False):
             world = dyna.agent_world_model(payload, agent_path)
         except ru.ArgError as e:
             raise SystemExit(f"hopper_gait.py: --foresight needs the run's world model: {e}") from None
+    qf = None
+    if critics:
+        if "qf" not in payload["state_dicts"]:
+            raise SystemExit(f"hopper_gait.py: --critics needs an agent.pt with its critics ('qf'); {agent_path} has "
+                             f"{sorted(payload['state_dicts'])}")
+        qf = SoftQNetworks.from_run_args(payload["args"], env.observation_space.shape[0], env.action_space.shape[0])
+        qf.load_state_dict(payload["state_dicts"]["qf"])
+        qf.eval()
     rows = []
     for episode in range(episodes):
         obs, _ = env.reset(seed=first_seed + episode)
-        x0, ret, velocities, airborne, states = float(data.qpos[0]), 0.0, [], [], [obs]
+        x0, ret, velocities, airborne, states, actions = float(data.qpos[0]), 0.0, [], [], [obs], []
         while True:
-            obs, reward, terminated, truncated, info = env.step(act(obs[None])[0])
+            actions.append(act(obs[None])[0])
+            obs, reward, terminated, truncated, info = env.step(actions[-1])
             ret += float(reward)
             velocities.append(info["x_velocity"])
             airborne.append(not any(floor in (data.contact[i].geom1, data.contact[i].geom2) for i in range(data.ncon)))
@@ -92,6 +108,11 @@ def gait(agent_path, episodes=5, first_seed=10_000, foresight=False):
         if world is not None and terminated:
             rows[-1]["foresight"] = {k: fall_foresight(world, act, states[-1 - k], k, seed=first_seed + episode)
                                      for k in FORESIGHT_STEPS if k < len(states)}
+        if qf is not None and terminated:
+            with torch.no_grad():
+                q = qf(torch.as_tensor(np.array(states[:-1]), dtype=torch.float32),
+                       torch.as_tensor(np.array(actions), dtype=torch.float32)).mean(0).numpy()
+            rows[-1]["critics"] = {"start": float(q[0]), **{k: float(q[-k]) for k in CRITIC_STEPS if k <= len(q)}}
     env.close()
     return rows
 
@@ -103,11 +124,17 @@ if __name__ == "__main__":
     parser.add_argument("--foresight", action="store_true",
                         help="for each fall, the share of imagined rows that fall within k steps of the real state "
                              "k steps before it (needs the run's world_model.pt)")
+    parser.add_argument("--critics", action="store_true",
+                        help="for each fall, the critics' mean Q(s, a) at the episode's start and 200 / 100 / 60 / 30 "
+                             "/ 10 / 1 steps before it (raw outputs)")
     cli = parser.parse_args()
-    for i, row in enumerate(gait(cli.agent_path, cli.episodes, foresight=cli.foresight)):
+    for i, row in enumerate(gait(cli.agent_path, cli.episodes, foresight=cli.foresight, critics=cli.critics)):
         seen = row.get("foresight")
         seen = f"; imagined rows that fall within {' / '.join(map(str, seen))} steps of the state that many " \
                f"before the fall: {' / '.join(f'{v:.0%}' for v in seen.values())}" if seen else ""
+        q = row.get("critics")
+        seen += f"; the critics' Q at the start and {' / '.join(map(str, list(q)[1:]))} steps before the fall: " \
+                f"{' / '.join(f'{v:+.3g}' for v in q.values())}" if q else ""
         print(f"episode {i}: return {row['return']:.1f}, {row['length']} steps ({row['ended']}), torso moved "
               f"{row['x_displacement']:.2f} m, mean x_velocity {row['x_velocity']:.3f} m/s, airborne "
               f"{row['airborne']:.2f} of the steps, {row['take_offs']} take-offs{seen}")

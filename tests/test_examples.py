@@ -394,6 +394,25 @@ def test_hopper_gait_reports_each_episode(tmp_path):
     assert seen["ended"] == "terminated" and {k: v for k, v in seen.items() if k != "foresight"} == row
     steps = [k for k in (30, 20, 10, 5) if k <= seen["length"]]  # from the reset state on
     assert list(seen["foresight"]) == steps and all(0.0 <= v <= 1.0 for v in seen["foresight"].values())
+    with pytest.raises(SystemExit, match="--critics needs an agent.pt with its critics"):
+        gait(path, episodes=1, critics=True)
+    # --critics: svg_imagined.py's critic ensemble, rebuilt from the run's args
+    import svg_imagined
+
+    svg_args = svg_imagined.Args(env_id="Hopper-v5", hidden_size=16, num_critics=3, hidden_layers=3,
+                                 critic_layer_norm=True)
+    qf = sac_imagined.SoftQNetworks.from_run_args(vars(svg_args), 11, 3)
+    assert qf.weights[0].shape == (3, 14, 16) and len(qf.weights) == 4 and qf.layer_norm
+    actor = sac_imagined.Actor.from_run_args(vars(svg_args), 11, env.action_space)
+    ru.save_agent(path, {"actor": actor.state_dict(), "qf": qf.state_dict()}, svg_args, model_path)
+    (valued,) = gait(path, episodes=1, critics=True)
+    steps = [k for k in (200, 100, 60, 30, 10, 1) if k <= valued["length"]]
+    assert list(valued["critics"]) == ["start", *steps]
+    with torch.no_grad():  # the critics' mean at the start state and the actor's deterministic action there
+        obs, _ = env.reset(seed=10_000)
+        start_q = qf(torch.as_tensor(obs[None], dtype=torch.float32),
+                     torch.as_tensor(sac_imagined.policy_fn(actor, "cpu", True)(obs[None]))).mean()
+    assert valued["critics"]["start"] == pytest.approx(float(start_q), abs=1e-5)
     os.remove(model_path)
     with pytest.raises(SystemExit, match="--foresight needs the run's world model"):
         gait(path, episodes=1, foresight=True)
