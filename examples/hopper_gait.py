@@ -1,7 +1,7 @@
-"""Does a saved `sac_imagined.py` Hopper-v5 agent hop, or stand still until the time limit? A return near 1,000
+"""Does a saved `sac_imagined.py` / `svg_imagined.py` Hopper-v5 agent hop, or stand still until the time limit? A return near 1,000
 with no spread is often a Hopper that keeps its balance and collects the healthy reward; this says which.
 
-    python examples/hopper_gait.py runs/<Hopper-v5 run>/agent.pt [--episodes 5]
+    python examples/hopper_gait.py runs/<Hopper-v5 run>/agent.pt [--episodes 5] [--foresight] [--critics]
 
 For each deterministic episode (the actor's tanh of the mean, as the evaluations act; reset seeds 10,000 on): the
 return, the length and how it ended, how far the torso moved (`qpos[0]`), the mean `info["x_velocity"]`, the share
