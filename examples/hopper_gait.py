@@ -1,5 +1,6 @@
-"""Does a saved `sac_imagined.py` / `svg_imagined.py` Hopper-v5 agent hop, or stand still until the time limit? A return near 1,000
-with no spread is often a Hopper that keeps its balance and collects the healthy reward; this says which.
+"""Does a saved `sac_imagined.py` / `svg_imagined.py` Hopper-v5 agent hop, or stand still until the time limit? A
+return near 1,000 with no spread is often a Hopper that keeps its balance and collects the healthy reward; this says
+which.
 
     python examples/hopper_gait.py runs/<Hopper-v5 run>/agent.pt [--episodes 5] [--foresight] [--critics]
 
