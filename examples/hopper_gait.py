@@ -119,7 +119,7 @@ def gait(agent_path, episodes=5, first_seed=10_000, foresight=False, critics=Fal
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("?")[0].split()) + "?")
     parser.add_argument("agent_path")
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--foresight", action="store_true",
