@@ -124,10 +124,11 @@ if __name__ == "__main__":
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--foresight", action="store_true",
                         help="for each fall, the share of imagined rows that fall within k steps of the real state "
-                             "k steps before it (needs the run's world_model.pt)")
+                             f"k steps before it, k = {' / '.join(map(str, FORESIGHT_STEPS))} (needs the run's "
+                             "world_model.pt)")
     parser.add_argument("--critics", action="store_true",
-                        help="for each fall, the critics' mean Q(s, a) at the episode's start and 200 / 100 / 60 / 30 "
-                             "/ 10 / 1 steps before it (raw outputs)")
+                        help="for each fall, the critics' mean Q(s, a) at the episode's start and "
+                             f"{' / '.join(map(str, CRITIC_STEPS))} steps before it (raw outputs)")
     cli = parser.parse_args()
     for i, row in enumerate(gait(cli.agent_path, cli.episodes, foresight=cli.foresight, critics=cli.critics)):
         seen = row.get("foresight")
