@@ -32,9 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dyna  # noqa: E402
-import real_env  # noqa: E402
 import rl_utils as ru  # noqa: E402
-from sac_imagined import Actor, SoftQNetworks, policy_fn  # noqa: E402
+from sac_imagined import Actor, SoftQNetworks, branched_rollouts, policy_fn  # noqa: E402
 
 FORESIGHT_STEPS = (30, 20, 10, 5)
 FORESIGHT_ROWS = 64
@@ -43,18 +42,12 @@ CRITIC_STEPS = (200, 100, 60, 30, 10, 1)
 
 def fall_foresight(model, act, start_obs, steps, seed=0):
     """The share of FORESIGHT_ROWS imagined rows from start_obs (d,) that terminate within `steps` model steps of
-    the deterministic policy `act` (the model's imagined vector env: a random member per row and step)."""
+    the deterministic policy `act` (the model's imagined vector env: a random member per row and step). Each row
+    ends at most once in the branched rollouts, so their terminated transitions count the rows that fell."""
     envs = model.imagined_vector_env(FORESIGHT_ROWS, seed=seed, horizon=steps, start="buffer")
-    obs = real_env.to_numpy(envs.reset(seed=seed, options={"states": np.repeat(start_obs[None], FORESIGHT_ROWS, 0)})[0])
-    alive, fell = np.ones(FORESIGHT_ROWS, bool), np.zeros(FORESIGHT_ROWS, bool)
-    for _ in range(steps):
-        obs, _, terminated, truncated, _ = envs.step(real_env.clip_action(act(obs), envs.single_action_space))
-        obs = real_env.to_numpy(obs)
-        terminated, truncated = (real_env.to_numpy(x).astype(bool) for x in (terminated, truncated))
-        fell |= alive & terminated
-        alive &= ~(terminated | truncated)
+    rollouts = branched_rollouts(envs, act, np.repeat(start_obs[None], FORESIGHT_ROWS, 0), seed, steps)
     envs.close()
-    return float(fell.mean())
+    return float(rollouts["terminated"].sum()) / FORESIGHT_ROWS
 
 
 def gait(agent_path, episodes=5, first_seed=10_000, foresight=False, critics=False):
