@@ -282,7 +282,10 @@ class Evaluator:
     def episode_seed(self, index):
         return 10_000 * self.seed + index * self.episodes
 
-    def __call__(self, act_fn, global_step, real_env_steps, final=False):
+    def __call__(self, act_fn, global_step, real_env_steps, final=False, also=None):
+        """Evaluates act_fn; `also` (name -> act_fn) are played on the same real episodes beside it, their mean
+        returns kept as `{name}_return_mean` (and `eval/{name}_episodic_return`) without counting towards the stop
+        rule or the target."""
         t0 = time.time()
         index = 0 if final else 1 + len(self.history)
         returns, lengths = real_env.evaluate_in_real_env(act_fn, self.env_id, self.episodes, self.episode_seed(index),
@@ -291,6 +294,12 @@ class Evaluator:
         entry = {"global_step": int(global_step), "real_env_steps": int(real_env_steps),
                  "real_return_mean": float(returns.mean()), "real_return_std": float(returns.std()),
                  "real_length_mean": float(lengths.mean())}
+        for name, other_fn in (also or {}).items():
+            other, other_lengths = real_env.evaluate_in_real_env(other_fn, self.env_id, self.episodes,
+                                                                 self.episode_seed(index), model=self.model)
+            self.env_steps += int(other_lengths.sum())
+            entry[f"{name}_return_mean"] = float(other.mean())
+            self.writer.add_scalar(f"eval/{name}_episodic_return", entry[f"{name}_return_mean"], global_step)
         if self.model is not None:
             imagined = evaluate_in_imagination(act_fn, self.model, self.episodes, self.episode_seed(index))
             entry["imagined_return_mean"] = float(imagined.mean())

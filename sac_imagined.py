@@ -291,6 +291,11 @@ class Actor(nn.Module):
         log_prob = -0.5 * eps.pow(2) - log_std - HALF_LOG_2PI - squash
         return action, log_prob.sum(1), torch.tanh(mean) * self.action_scale + self.action_bias
 
+    def deterministic_action(self, x):
+        """The tanh of the mean, rescaled: get_action's third output without drawing a sample (an evaluation takes
+        nothing from the training's random stream)."""
+        return torch.tanh(self(x)[0]) * self.action_scale + self.action_bias
+
 
 def set_obs_stats(obs, *nets):
     """Standardise the inputs of nets built with normalize_obs=True by the mean and std of obs (N, d), a std under
@@ -312,8 +317,8 @@ def policy_fn(actor, device, deterministic):
     """obs batch (numpy or torch) -> actions as numpy; deterministic: the tanh of the mean (evaluation)."""
     @torch.no_grad()
     def act(obs):
-        sampled, _, mean = actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        return (mean if deterministic else sampled).cpu().numpy()
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        return (actor.deterministic_action(obs) if deterministic else actor.get_action(obs)[0]).cpu().numpy()
 
     return act
 

@@ -23,6 +23,7 @@
 # 1000, --warm-start, --train-frequency 1000, --reset-optimizers), its actor (--exact-log-prob, --orthogonal-init) and
 # six pieces, all flags off by default, the first four because they did not help with MBPO's model (--model-noise,
 # --bounded-critics, --normalize-obs, --critic-updates-after-refit, --scaled-critics, --critic-horizon; README).
+import copy
 import inspect
 import os
 import sys
@@ -173,6 +174,12 @@ class Args:
     """If toggled, the entropy coefficient is tuned automatically towards --target-entropy."""
     target_entropy: Optional[float] = None
     """The policy entropy --autotune aims at (None: -act_dim)."""
+    actor_average: float = 0.0
+    """If positive, the evaluations, the final figures and the saved agent's `actor` are an average of the actor's
+    weights, moved towards the learning actor by this fraction after each of its updates (Polyak averaging of the
+    policy, as Nikishin et al. 2018 averaged an RL agent's weights; 1e-3: about the last 1,000 updates). The
+    learning actor still collects the real data; each evaluation plays it too, on the same episodes
+    (`eval/live_actor_episodic_return`, saved as `live_actor`). 0: the learning actor throughout."""
 
     # Evaluation in the real env
     eval_every: int = 500
@@ -289,6 +296,8 @@ def check_args(args):
         raise ru.ArgError("--min-of-critics", f"at most --num-critics ({args.num_critics})", args.min_of_critics)
     if not 0.0 <= args.gamma <= 1.0:
         raise ru.ArgError("--gamma", "a value in [0, 1]", args.gamma)
+    if not 0.0 <= args.actor_average <= 1.0:
+        raise ru.ArgError("--actor-average", "a fraction in [0, 1] (0: no averaged actor)", args.actor_average)
     for flag in ("bounded_critics", "scaled_critics"):
         if getattr(args, flag) and args.gamma == 1.0:
             flag = "--" + flag.replace("_", "-")
@@ -338,6 +347,11 @@ if __name__ == "__main__":
         critic_horizon = args.training_horizon if args.critic_horizon is None else args.critic_horizon
         q_params, q_target_params = list(qf.parameters()), list(qf_target.parameters())
         actor_params = list(actor.parameters())
+        # --actor-average: the averaged actor is the one evaluated and saved as "actor"; the learner is "live_actor"
+        averaged = copy.deepcopy(actor) if args.actor_average else actor
+        if args.actor_average:
+            nets["actor"], nets["live_actor"] = averaged, actor
+        averaged_params = list(averaged.parameters())
         log_alpha = torch.full((1,), float(np.log(args.alpha)), requires_grad=args.autotune, device=device)
         alpha = args.alpha
         target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
@@ -359,7 +373,8 @@ if __name__ == "__main__":
                                                  horizon=args.imagined_horizon, start="buffer",
                                                  halt=args.halt_threshold, gamma=args.gamma,
                                                  **sac.noise_setting(args))
-        explore, greedy = sac.policy_fn(actor, device, False), sac.policy_fn(actor, device, True)
+        explore, greedy = sac.policy_fn(actor, device, False), sac.policy_fn(averaged, device, True)
+        also = {"live_actor": sac.policy_fn(actor, device, True)} if args.actor_average else None
         target = args.target_return if args.target_return is not None else reward_threshold
         evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target, model)
         train_rng = np.random.default_rng(args.seed + 2)
@@ -404,7 +419,7 @@ if __name__ == "__main__":
                 if args.reset_optimizers:
                     q_optimizer, actor_optimizer, alpha_optimizer = new_optimizers()
             if args.normalize_obs and (refitted or num_updates == 0):
-                sac.set_obs_stats(rb.obs[:rb.size], actor, qf, qf_target)
+                sac.set_obs_stats(rb.obs[:rb.size], *{actor, averaged}, qf, qf_target)
             if start_rb.size == 0 or (per_step_rollouts and since_rollout >= args.model_rollout_every):
                 distribution_rollouts(args.seed * 1_000_003 + global_step)
                 since_rollout = 0
@@ -471,6 +486,9 @@ if __name__ == "__main__":
                 for p, g in zip(actor_params, torch.autograd.grad(actor_loss, actor_params)):
                     p.grad = g
                 actor_optimizer.step()
+                if args.actor_average:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(averaged_params, actor_params, args.actor_average)
                 if args.autotune:  # the entropy of the rollout's first actions
                     alpha_loss = (-log_alpha.exp() * (log_probs[0].detach() + target_entropy)).mean()
                     alpha_optimizer.zero_grad()
@@ -493,9 +511,11 @@ if __name__ == "__main__":
 
             if ru.eval_due(args.eval_every, global_step, last_eval) and step + 1 < loop_steps:
                 last_eval = global_step
-                entry = evaluator(greedy, global_step, global_step)
+                entry = evaluator(greedy, global_step, global_step, also=also)
+                live = f" live_actor {ru.fmt(entry['live_actor_return_mean'])}" if also else ""
                 print(f"[{TAG}] step {collected + step + 1}/{args.total_timesteps} real_return "
-                      f"{ru.fmt(entry['real_return_mean'])} imagined_return {ru.fmt(entry.get('imagined_return_mean'))}"
+                      f"{ru.fmt(entry['real_return_mean'])}{live} "
+                      f"imagined_return {ru.fmt(entry.get('imagined_return_mean'))}"
                       f" gap {ru.fmt(evaluator.last_gap)} real_steps {global_step} updates {num_updates} "
                       f"alpha {alpha:.3f} SPS {sps} left {int((loop_steps - step - 1) / max(sps, 1))}s", flush=True)
                 if args.early_stop and evaluator.solved(args.stop_after_evals):
@@ -505,10 +525,10 @@ if __name__ == "__main__":
         real.close()
         imagined_envs.close()
 
-        final = evaluator(greedy, global_step, global_step, final=True)
+        final = evaluator(greedy, global_step, global_step, final=True, also=also)
         if args.capture_video:
             import visualize
 
             visualize.capture_videos(greedy, args.env_id, evaluator.episode_seed(0), run.dir, args.eval_episodes, model)
-        run.finish(final, gap_remedy="Refit the model harder (raise --refit-passes, lower --refit-every) or shorten "
+        run.finish(final, **{k: final[k] for k in ("live_actor_return_mean",) if k in final}, gap_remedy="Refit the model harder (raise --refit-passes, lower --refit-every) or shorten "
                    "--training-horizon.")
