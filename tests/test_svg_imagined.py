@@ -310,6 +310,27 @@ def test_run_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, capsys):
     assert f"real return {summary['real_return_mean']:.1f} " in capsys.readouterr().out
 
 
+def test_actor_average_is_evaluated_and_saved_and_evaluations_leave_training_alone(tmp_path, monkeypatch):
+    (tmp_path / "avg").mkdir(), (tmp_path / "plain").mkdir()
+    avg_scope, avg = _run(tmp_path / "avg", monkeypatch, TINY + ["--actor-average", "0.1"])
+    # the same run without the average and without evaluations (each --eval-every 25 of TINY's draws nothing
+    # from the training's random stream): the learning actor ends with the same weights
+    plain_scope, plain = _run(tmp_path / "plain", monkeypatch, TINY + ["--eval-every", "0"])
+    live, averaged = avg_scope["actor"], avg_scope["averaged"]
+    for name, value in plain_scope["actor"].state_dict().items():
+        torch.testing.assert_close(live.state_dict()[name], value, rtol=0, atol=0)
+    assert not torch.equal(averaged.fc_mean.weight, live.fc_mean.weight)
+    # 50 actor updates at 0.1: the average weighs the start 0.9^50 ~ 0.5%, and differs from the live actor
+    assert avg["status"] == "finished" and avg["updates"] == 50 and len(plain["eval_history"]) == 0
+    assert all("live_actor_return_mean" in entry for entry in avg["eval_history"])
+    assert np.isfinite(avg["live_actor_return_mean"]) and "live_actor_return_mean" not in plain
+    payload = torch.load(tmp_path / "avg" / avg["agent_path"], weights_only=False)
+    for key, net in (("actor", averaged), ("live_actor", live)):
+        torch.testing.assert_close(payload["state_dicts"][key]["fc_mean.weight"], net.fc_mean.weight.detach())
+    obs = torch.randn(7, 3)
+    torch.testing.assert_close(live.deterministic_action(obs), live.get_action(obs)[2])
+
+
 def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_inputs(tmp_path, monkeypatch):
     scope, summary = _run(tmp_path, monkeypatch, TINY + ["--critic-updates-after-refit", "3", "--normalize-obs",
                                                         "--model-noise", "--bounded-critics", "--sample-noise"])
@@ -458,6 +479,7 @@ def test_dhmbpo_networks_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, c
     (["--critic-horizon", "6"], "--critic-horizon"),
     (["--hidden-layers", "1"], "--hidden-layers"),
     (["--critic-dropout", "1.0"], "--critic-dropout"),
+    (["--actor-average", "1.5"], "--actor-average"),
     (["--world-model", "mean_only.py:make", "--model-noise"], "drop --model-noise"),
     (["--world-model", "mean_only.py:no_noise", "--sample-noise"], "Drop --sample-noise"),
 ])
