@@ -354,11 +354,13 @@ def transitions(log, env_id):
                                      env_id=env_id)
 
 
-def save_checkpoints(run, args, model, nets, log):
-    """dyna.save_checkpoints, the world model with every raw real transition (those since its last refit too)."""
+def save_checkpoints(run, args, model, nets, log, extra=None):
+    """dyna.save_checkpoints, the world model with every raw real transition (those since its last refit too);
+    `extra` goes into agent.pt beside the real steps."""
     if model is not None and getattr(model, "learns", True) and hasattr(model, "data") and log.get("obs"):
         model.data = transitions(log, args.env_id)
-    return dyna.save_checkpoints(run, args, model, nets, extra={"real_env_steps": run.figures["real_env_steps"]})
+    return dyna.save_checkpoints(run, args, model, nets,
+                                 extra={"real_env_steps": run.figures["real_env_steps"], **(extra or {})})
 
 
 def evaluate_checkpoint(path):

@@ -332,7 +332,10 @@ if __name__ == "__main__":
 
     run = ru.Run(args, TAG)
     nets, log = {}, {}  # what the run saves: the agent once it exists; the raw real data the model is saved with
-    run.checkpoint = lambda: sac.save_checkpoints(run, args, model, nets, log)
+    q_bounds = None  # the critics' (lower, upper) bounds, once --bounded-critics / --scaled-critics track them
+    # agent.pt keeps the critics' tracked bounds too: with --scaled-critics the critics' outputs are in their units
+    run.checkpoint = lambda: sac.save_checkpoints(
+        run, args, model, nets, log, extra={"critic_bounds": None if q_bounds is None else q_bounds.tolist()})
     with run:
         data, run.figures["real_env_steps"] = dyna.initial_data(model, args, run, log=lambda s: print(f"[{TAG}]", s))
         figures, timings, writer = run.figures, run.timings, run.writer
@@ -397,7 +400,7 @@ if __name__ == "__main__":
         timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
         figures["critic_only_updates"] = figures["warm_start_updates"] = 0
         global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
-        drawn_after, q_bounds = None, None
+        drawn_after = None
         loop_start, loop_steps = time.time(), args.total_timesteps - collected
         for step in range(loop_steps):
             t0 = time.time()

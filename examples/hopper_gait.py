@@ -17,9 +17,9 @@ rule) follow the same deterministic policy for k steps; the share of rows that t
 up to the last steps: the model did not see it (a model matter).
 
 With `--critics`, the run's critics' mean Q(s, a) of the states and actions of each fall's episode at its start and
-at CRITIC_STEPS steps before the fall: the raw outputs, in units of the tracked bounds for a `--scaled-critics` run
-(which the checkpoint does not keep; -1 and +1 are their lower and upper bound). A value that sinks long before the
-fall: the critics saw it coming.
+at CRITIC_STEPS steps before the fall, in return units (a `--scaled-critics` run's outputs read through the bounds
+its agent.pt keeps; an older agent.pt without them gives the raw outputs, -1 and +1 its lower and upper bound). A
+value that sinks long before the fall: the critics saw it coming.
 """
 import argparse
 import os
@@ -82,6 +82,7 @@ def gait(agent_path, episodes=5, first_seed=10_000, foresight=False, critics=Fal
         qf = SoftQNetworks.from_run_args(payload["args"], env.observation_space.shape[0], env.action_space.shape[0])
         qf.load_state_dict(payload["state_dicts"]["qf"])
         qf.eval()
+        bounds = payload.get("extra", {}).get("critic_bounds") if payload["args"].get("scaled_critics") else None
     rows = []
     for episode in range(episodes):
         obs, _ = env.reset(seed=first_seed + episode)
@@ -106,6 +107,8 @@ def gait(agent_path, episodes=5, first_seed=10_000, foresight=False, critics=Fal
             with torch.no_grad():
                 q = qf(torch.as_tensor(np.array(states[:-1]), dtype=torch.float32),
                        torch.as_tensor(np.array(actions), dtype=torch.float32)).mean(0).numpy()
+            if bounds is not None:  # svg_imagined.in_bound_units
+                q = 0.5 * (bounds[1] + bounds[0]) + 0.5 * (bounds[1] - bounds[0]) * q
             rows[-1]["critics"] = {"start": float(q[0]), **{k: float(q[-k]) for k in CRITIC_STEPS if k <= len(q)}}
     env.close()
     return rows
@@ -121,7 +124,7 @@ if __name__ == "__main__":
                              "world_model.pt)")
     parser.add_argument("--critics", action="store_true",
                         help="for each fall, the critics' mean Q(s, a) at the episode's start and "
-                             f"{' / '.join(map(str, CRITIC_STEPS))} steps before it (raw outputs)")
+                             f"{' / '.join(map(str, CRITIC_STEPS))} steps before it")
     cli = parser.parse_args()
     for i, row in enumerate(gait(cli.agent_path, cli.episodes, foresight=cli.foresight, critics=cli.critics)):
         seen = row.get("foresight")

@@ -413,6 +413,12 @@ def test_hopper_gait_reports_each_episode(tmp_path):
         start_q = qf(torch.as_tensor(obs[None], dtype=torch.float32),
                      torch.as_tensor(sac_imagined.policy_fn(actor, "cpu", True)(obs[None]))).mean()
     assert valued["critics"]["start"] == pytest.approx(float(start_q), abs=1e-5)
+    # a --scaled-critics run's agent.pt keeps the tracked bounds: the same outputs read in return units
+    scaled_args = svg_imagined.Args(**{**vars(svg_args), "scaled_critics": True})
+    ru.save_agent(path, {"actor": actor.state_dict(), "qf": qf.state_dict()}, scaled_args, model_path,
+                  extra={"critic_bounds": [10.0, 30.0]})
+    (scaled,) = gait(path, episodes=1, critics=True)
+    assert scaled["critics"]["start"] == pytest.approx(20.0 + 10.0 * float(start_q), abs=1e-4)
     os.remove(model_path)
     with pytest.raises(SystemExit, match="--foresight needs the run's world model"):
         gait(path, episodes=1, foresight=True)

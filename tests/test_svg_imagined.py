@@ -383,6 +383,9 @@ def test_scaled_critics_and_start_state_critics(tmp_path, monkeypatch):
     # at the start, then learned)
     assert scope["q_pred"].shape == (5, 16) and scope["k"] == 1
     assert scope["qf"].weights[-1].abs().sum() > 0
+    # agent.pt keeps the bounds, which --scaled-critics outputs are read in (examples/hopper_gait.py --critics)
+    payload = torch.load(summary["agent_path"], weights_only=False)
+    assert payload["extra"]["critic_bounds"] == pytest.approx([lo, hi])
 
 
 def test_dhmbpo_critics_layer_norm_dropout_and_depth():
