@@ -295,6 +295,8 @@ class Evaluator:
                  "real_return_mean": float(returns.mean()), "real_return_std": float(returns.std()),
                  "real_length_mean": float(lengths.mean())}
         for name, other_fn in (also or {}).items():
+            if name in ("real", "imagined"):
+                raise ValueError(f"Evaluator: `also` name {name!r} would overwrite the evaluation's own figures")
             other, other_lengths = real_env.evaluate_in_real_env(other_fn, self.env_id, self.episodes,
                                                                  self.episode_seed(index), model=self.model)
             self.env_steps += int(other_lengths.sum())

@@ -179,7 +179,9 @@ class Args:
     weights, moved towards the learning actor by this fraction after each of its updates (Polyak averaging of the
     policy, as Nikishin et al. 2018 averaged an RL agent's weights; 1e-3: about the last 1,000 updates). The
     learning actor still collects the real data; each evaluation plays it too, on the same episodes
-    (`eval/live_actor_episodic_return`, saved as `live_actor`). 0: the learning actor throughout."""
+    (`eval/live_actor_episodic_return`, saved as `live_actor`). The average starts at the initial weights (after
+    n updates they weigh (1 - TAU)^n), and with --normalize-obs both actors take the new statistics at a refit.
+    0: the learning actor throughout."""
 
     # Evaluation in the real env
     eval_every: int = 500
@@ -422,7 +424,7 @@ if __name__ == "__main__":
                 if args.reset_optimizers:
                     q_optimizer, actor_optimizer, alpha_optimizer = new_optimizers()
             if args.normalize_obs and (refitted or num_updates == 0):
-                sac.set_obs_stats(rb.obs[:rb.size], *{actor, averaged}, qf, qf_target)
+                sac.set_obs_stats(rb.obs[:rb.size], actor, averaged, qf, qf_target)
             if start_rb.size == 0 or (per_step_rollouts and since_rollout >= args.model_rollout_every):
                 distribution_rollouts(args.seed * 1_000_003 + global_step)
                 since_rollout = 0
@@ -533,5 +535,6 @@ if __name__ == "__main__":
             import visualize
 
             visualize.capture_videos(greedy, args.env_id, evaluator.episode_seed(0), run.dir, args.eval_episodes, model)
-        run.finish(final, **{k: final[k] for k in ("live_actor_return_mean",) if k in final}, gap_remedy="Refit the model harder (raise --refit-passes, lower --refit-every) or shorten "
+        live = {"live_actor_return_mean": final["live_actor_return_mean"]} if also else {}
+        run.finish(final, **live, gap_remedy="Refit the model harder (raise --refit-passes, lower --refit-every) or shorten "
                    "--training-horizon.")

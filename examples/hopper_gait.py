@@ -83,6 +83,7 @@ def gait(agent_path, episodes=5, first_seed=10_000, foresight=False, critics=Fal
         qf.load_state_dict(payload["state_dicts"]["qf"])
         qf.eval()
         bounds = payload.get("extra", {}).get("critic_bounds") if payload["args"].get("scaled_critics") else None
+        bounds = None if bounds is None or None in bounds else bounds  # a non-finite bound is saved as None
     rows = []
     for episode in range(episodes):
         obs, _ = env.reset(seed=first_seed + episode)
@@ -132,7 +133,7 @@ if __name__ == "__main__":
                f"before the fall: {' / '.join(f'{v:.0%}' for v in seen.values())}" if seen else ""
         q = row.get("critics")
         seen += f"; the critics' Q at the start and {' / '.join(map(str, list(q)[1:]))} steps before the fall: " \
-                f"{' / '.join(f'{v:+.3g}' for v in q.values())}" if q else ""
+                f"{' / '.join(f'{v:+.4g}' for v in q.values())}" if q else ""
         print(f"episode {i}: return {row['return']:.1f}, {row['length']} steps ({row['ended']}), torso moved "
               f"{row['x_displacement']:.2f} m, mean x_velocity {row['x_velocity']:.3f} m/s, airborne "
               f"{row['airborne']:.2f} of the steps, {row['take_offs']} take-offs{seen}")

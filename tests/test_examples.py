@@ -419,6 +419,10 @@ def test_hopper_gait_reports_each_episode(tmp_path):
                   extra={"critic_bounds": [10.0, 30.0]})
     (scaled,) = gait(path, episodes=1, critics=True)
     assert scaled["critics"]["start"] == pytest.approx(20.0 + 10.0 * float(start_q), abs=1e-4)
+    # bounds without --scaled-critics (--bounded-critics alone): the outputs are Q already
+    ru.save_agent(path, {"actor": actor.state_dict(), "qf": qf.state_dict()}, svg_args, model_path,
+                  extra={"critic_bounds": [10.0, 30.0]})
+    assert gait(path, episodes=1, critics=True)[0]["critics"]["start"] == pytest.approx(float(start_q), abs=1e-5)
     os.remove(model_path)
     with pytest.raises(SystemExit, match="--foresight needs the run's world model"):
         gait(path, episodes=1, foresight=True)

@@ -322,6 +322,7 @@ def test_actor_average_is_evaluated_and_saved_and_evaluations_leave_training_alo
     assert not torch.equal(averaged.fc_mean.weight, live.fc_mean.weight)
     # 50 actor updates at 0.1: the average weighs the start 0.9^50 ~ 0.5%, and differs from the live actor
     assert avg["status"] == "finished" and avg["updates"] == 50 and len(plain["eval_history"]) == 0
+    assert len(avg["eval_history"]) == 1  # one evaluation before the last update: the stream check is not vacuous
     assert all("live_actor_return_mean" in entry for entry in avg["eval_history"])
     assert np.isfinite(avg["live_actor_return_mean"]) and "live_actor_return_mean" not in plain
     payload = torch.load(tmp_path / "avg" / avg["agent_path"], weights_only=False)
@@ -329,6 +330,9 @@ def test_actor_average_is_evaluated_and_saved_and_evaluations_leave_training_alo
         torch.testing.assert_close(payload["state_dicts"][key]["fc_mean.weight"], net.fc_mean.weight.detach())
     obs = torch.randn(7, 3)
     torch.testing.assert_close(live.deterministic_action(obs), live.get_action(obs)[2])
+    # the final figures are the averaged actor's: replaying agent.pt's "actor" gives them
+    replay = svg.evaluate_checkpoint(str(tmp_path / "avg" / avg["agent_path"]))
+    assert replay["real_return_mean"] == pytest.approx(avg["real_return_mean"])
 
 
 def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_inputs(tmp_path, monkeypatch):
