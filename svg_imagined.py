@@ -174,6 +174,11 @@ class Args:
     """If toggled, the entropy coefficient is tuned automatically towards --target-entropy."""
     target_entropy: Optional[float] = None
     """The policy entropy --autotune aims at (None: -act_dim)."""
+    deterministic_episodes: int = 0
+    """Every this-many-th real episode after the random steps is played by the learning actor's deterministic action
+    (the tanh of its mean, as the evaluations act) instead of a sample, so the replay also holds the states that
+    policy drifts into late in long episodes, which the sampling actor, falling sooner, rarely reaches (0: every
+    episode samples)."""
     actor_average: float = 0.0
     """If positive, the evaluations, the final figures and the saved agent's `actor` are an average of the actor's
     weights, moved towards the learning actor by this fraction after each of its updates (Polyak averaging of the
@@ -298,6 +303,9 @@ def check_args(args):
         raise ru.ArgError("--min-of-critics", f"at most --num-critics ({args.num_critics})", args.min_of_critics)
     if not 0.0 <= args.gamma <= 1.0:
         raise ru.ArgError("--gamma", "a value in [0, 1]", args.gamma)
+    if args.deterministic_episodes < 0:
+        raise ru.ArgError("--deterministic-episodes", "a number >= 0 (0: every real episode samples)",
+                          args.deterministic_episodes)
     if not 0.0 <= args.actor_average <= 1.0:
         raise ru.ArgError("--actor-average", "a fraction in [0, 1] (0: no averaged actor)", args.actor_average)
     for flag in ("bounded_critics", "scaled_critics"):
@@ -379,7 +387,8 @@ if __name__ == "__main__":
                                                  halt=args.halt_threshold, gamma=args.gamma,
                                                  **sac.noise_setting(args))
         explore, greedy = sac.policy_fn(actor, device, False), sac.policy_fn(averaged, device, True)
-        also = {"live_actor": sac.policy_fn(actor, device, True)} if args.actor_average else None
+        live_greedy = sac.policy_fn(actor, device, True)
+        also = {"live_actor": live_greedy} if args.actor_average else None
         target = args.target_return if args.target_return is not None else reward_threshold
         evaluator = run.evaluator = dyna.Evaluator(args.env_id, args.seed, args.eval_episodes, writer, target, model)
         train_rng = np.random.default_rng(args.seed + 2)
@@ -400,14 +409,17 @@ if __name__ == "__main__":
         since_refit, since_rollout, since_train, num_updates, refit_pending = 0, 0, 0, 0, False
         per_step_rollouts = args.train_frequency == 1  # else the bursts renew the start states themselves
         timings["rollout_seconds"], figures["updates"], figures["rollout_batches"] = 0.0, 0, 0
-        figures["critic_only_updates"] = figures["warm_start_updates"] = 0
+        figures["critic_only_updates"] = figures["warm_start_updates"] = figures["deterministic_real_steps"] = 0
         global_step = last_eval = figures["global_step"] = figures["real_env_steps"]
         drawn_after = None
         loop_start, loop_steps = time.time(), args.total_timesteps - collected
         for step in range(loop_steps):
             t0 = time.time()
             global_step = figures["global_step"] = figures["real_env_steps"] = global_step + 1
-            real.step(explore, global_step)  # random actions until the replay holds --initial-real-steps
+            deterministic = args.deterministic_episodes and real.episode_id % args.deterministic_episodes == 0
+            figures["deterministic_real_steps"] += bool(deterministic) and rb.size >= args.initial_real_steps
+            # random actions until the replay holds --initial-real-steps
+            real.step(live_greedy if deterministic else explore, global_step)
             since_refit, since_rollout = since_refit + 1, since_rollout + 1
             timings["real_collect_seconds"] += time.time() - t0
             if rb.size < args.initial_real_steps:

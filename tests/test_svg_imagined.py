@@ -335,6 +335,14 @@ def test_actor_average_is_evaluated_and_saved_and_evaluations_leave_training_alo
     assert replay["real_return_mean"] == pytest.approx(avg["real_return_mean"])
 
 
+@pytest.mark.parametrize("every, steps", [(1, 50), (3, 0)])
+def test_deterministic_episodes_count_the_real_steps_the_mean_action_played(tmp_path, monkeypatch, every, steps):
+    # TINY's learning steps 251-300 fall in the second 200-step Pendulum episode (id 1): every episode's with 1,
+    # none with 3 (ids 0, 3, 6, ...)
+    _, summary = _run(tmp_path, monkeypatch, TINY + ["--deterministic-episodes", str(every)])
+    assert summary["status"] == "finished" and summary["deterministic_real_steps"] == steps
+
+
 def test_dhmbpo_flags_critic_only_updates_sampled_steps_bounds_and_normalised_inputs(tmp_path, monkeypatch):
     scope, summary = _run(tmp_path, monkeypatch, TINY + ["--critic-updates-after-refit", "3", "--normalize-obs",
                                                         "--model-noise", "--bounded-critics", "--sample-noise"])
@@ -487,6 +495,7 @@ def test_dhmbpo_networks_end_to_end_and_eval_checkpoint(tmp_path, monkeypatch, c
     (["--hidden-layers", "1"], "--hidden-layers"),
     (["--critic-dropout", "1.0"], "--critic-dropout"),
     (["--actor-average", "1.5"], "--actor-average"),
+    (["--deterministic-episodes", "-1"], "--deterministic-episodes"),
     (["--world-model", "mean_only.py:make", "--model-noise"], "drop --model-noise"),
     (["--world-model", "mean_only.py:no_noise", "--sample-noise"], "Drop --sample-noise"),
 ])
