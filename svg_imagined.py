@@ -416,8 +416,8 @@ if __name__ == "__main__":
         for step in range(loop_steps):
             t0 = time.time()
             global_step = figures["global_step"] = figures["real_env_steps"] = global_step + 1
-            deterministic = args.deterministic_episodes and real.episode_id % args.deterministic_episodes == 0
-            figures["deterministic_real_steps"] += bool(deterministic) and rb.size >= args.initial_real_steps
+            deterministic = args.deterministic_episodes > 0 and real.episode_id % args.deterministic_episodes == 0
+            figures["deterministic_real_steps"] += deterministic and rb.size >= args.initial_real_steps
             # random actions until the replay holds --initial-real-steps
             real.step(live_greedy if deterministic else explore, global_step)
             since_refit, since_rollout = since_refit + 1, since_rollout + 1
@@ -548,5 +548,5 @@ if __name__ == "__main__":
 
             visualize.capture_videos(greedy, args.env_id, evaluator.episode_seed(0), run.dir, args.eval_episodes, model)
         live = {"live_actor_return_mean": final["live_actor_return_mean"]} if also else {}
-        run.finish(final, **live, gap_remedy="Refit the model harder (raise --refit-passes, lower --refit-every) or shorten "
-                   "--training-horizon.")
+        run.finish(final, **live, gap_remedy="Refit the model harder (raise --refit-passes, lower --refit-every) or "
+                   "shorten --training-horizon.")

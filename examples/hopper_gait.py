@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dyna  # noqa: E402
 import rl_utils as ru  # noqa: E402
 from sac_imagined import Actor, SoftQNetworks, branched_rollouts, policy_fn  # noqa: E402
+from svg_imagined import in_bound_units  # noqa: E402
 
 FORESIGHT_STEPS = (30, 20, 10, 5)
 FORESIGHT_ROWS = 64
@@ -83,7 +84,7 @@ def gait(agent_path, episodes=5, first_seed=10_000, foresight=False, critics=Fal
         qf.load_state_dict(payload["state_dicts"]["qf"])
         qf.eval()
         bounds = payload.get("extra", {}).get("critic_bounds") if payload["args"].get("scaled_critics") else None
-        bounds = None if bounds is None or None in bounds else bounds  # a non-finite bound is saved as None
+        bounds = None if bounds is None or None in bounds else torch.tensor(bounds)  # non-finite: saved as None
     rows = []
     for episode in range(episodes):
         obs, _ = env.reset(seed=first_seed + episode)
@@ -106,10 +107,8 @@ def gait(agent_path, episodes=5, first_seed=10_000, foresight=False, critics=Fal
                                      for k in FORESIGHT_STEPS if k < len(states)}
         if qf is not None and terminated:
             with torch.no_grad():
-                q = qf(torch.as_tensor(np.array(states[:-1]), dtype=torch.float32),
-                       torch.as_tensor(np.array(actions), dtype=torch.float32)).mean(0).numpy()
-            if bounds is not None:  # svg_imagined.in_bound_units
-                q = 0.5 * (bounds[1] + bounds[0]) + 0.5 * (bounds[1] - bounds[0]) * q
+                q = in_bound_units(qf(torch.as_tensor(np.array(states[:-1]), dtype=torch.float32),
+                                      torch.as_tensor(np.array(actions), dtype=torch.float32)), bounds).mean(0).numpy()
             rows[-1]["critics"] = {"start": float(q[0]), **{k: float(q[-k]) for k in CRITIC_STEPS if k <= len(q)}}
     env.close()
     return rows
