@@ -80,7 +80,7 @@ def test_seed_section_1_single_env():
     np.testing.assert_array_equal(env.state, obs)
 
 
-def test_seed_section_2_sb3():
+def test_seed_section_2_sb3(tmp_path, monkeypatch):
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_checker import check_env
     from stable_baselines3.common.monitor import Monitor
@@ -89,6 +89,7 @@ def test_seed_section_2_sb3():
     check_env(env, warn=True)
     sb3_env = Monitor(env)
     agent = PPO("MlpPolicy", sb3_env, verbose=0, n_steps=256, batch_size=64, n_epochs=2, seed=0)
+    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path))  # SB3's default logger makes a dir; not one per run in /tmp
     agent.learn(total_timesteps=512)  # the seed uses 10_000; the API path is the same
     assert agent.num_timesteps >= 512
 
