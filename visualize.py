@@ -150,13 +150,15 @@ _RENDERER = None
 
 
 def text_width(text, fontsize):
-    """The width in inches of one line of `text` in the default font at `fontsize` points."""
+    """The width in inches of `text` in the default font at `fontsize` points: its widest line (a label that
+    `wrap_to_width` broke is as wide as its longest line, not as all of them in one)."""
     global _RENDERER
     from matplotlib.backends.backend_agg import RendererAgg
     from matplotlib.font_manager import FontProperties
 
     _RENDERER = _RENDERER or RendererAgg(1, 1, DPI)
-    return _RENDERER.get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)[0] / DPI
+    font = FontProperties(size=fontsize)
+    return max(_RENDERER.get_text_width_height_descent(line, font, ismath=False)[0] for line in text.split("\n")) / DPI
 
 
 def wrap_to_width(text, fontsize, width):

@@ -227,6 +227,16 @@ def write_summary(runs_dir, name, algo, env_id, seed, world_model, xs, ys, **ext
     (runs_dir / name / "summary.json").write_text(json.dumps(summary))
 
 
+def test_text_width_of_a_wrapped_label_is_its_widest_line():
+    # plot_runs sizes its legend from labels that wrap_to_width broke into lines
+    label = "svg_dhmbpo (imagined in examples/known_termination.py:dhmbpo_homoscedastic), 3 seeds"
+    wrapped = vis.wrap_to_width(label, 7, 2.0)
+    lines = wrapped.split("\n")
+    assert len(lines) > 1 and all(vis.text_width(line, 7) <= 2.0 or " " not in line for line in lines)
+    assert vis.text_width(wrapped, 7) == max(vis.text_width(line, 7) for line in lines)
+    assert vis.text_width(wrapped, 7) < vis.text_width(label, 7)
+
+
 def test_plot_runs_step_function():
     import plot_runs
 
