@@ -126,3 +126,38 @@ def test_floor_case_steps_like_the_vector_env():
         np.testing.assert_array_equal(carry["done"], terminated | truncated)
         restarted += int((terminated | truncated).sum())
     assert restarted >= n  # every row ended at least once: the autoreset path ran
+
+
+def test_floor_breakdown_variant_with_every_part_is_the_floor():
+    """examples/floor_breakdown.py times the floor with parts left out; with none left out it must be the floor
+    itself (the same observations, states and done flags as benchmark.floor_case), and each part left out must
+    still restart the finished rows (bounded episodes)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import floor_breakdown
+
+    model = benchmark.MLPWorldModel(seed=0)
+    n, limit = 64, 20
+    actions = np.random.default_rng(0).integers(0, model.num_actions, size=n, dtype=np.int64)
+    floor = benchmark.floor_case(model, n, actions, seed=3, max_episode_steps=limit)
+    same = floor_breakdown.floor_variant(model, n, actions, seed=3, max_episode_steps=limit)
+    for _ in range(3 * limit):
+        floor.run(1)
+        same.run(1)
+        for key in ("obs", "done", "steps"):
+            np.testing.assert_array_equal(same.run.carry[key], floor.run.carry[key])
+        np.testing.assert_array_equal(same.run.carry["state"].numpy(), floor.run.carry["state"].numpy())
+    for without in [(part,) for part in floor_breakdown.PARTS] + [floor_breakdown.PARTS]:
+        case = floor_breakdown.floor_variant(model, n, actions, seed=3, max_episode_steps=limit, without=without)
+        case.run(3 * limit)
+        assert case.run.carry["steps"].max() <= limit and np.isfinite(case.run.carry["obs"]).all(), case.name
+
+
+def test_floor_breakdown_runs_and_refuses_bad_flags():
+    script = str(ROOT / "examples" / "floor_breakdown.py")
+    out = subprocess.run([sys.executable, script, "--num-envs", "16", "--repeats", "1", "--min-time", "0.005"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("raw", "floor", "no_check", "no_copies", "no_resets", "no_finite", "none"):
+        assert f"  {name} " in out.stdout
+    bad = subprocess.run([sys.executable, script, "--repeats", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--repeats expected an integer >= 1, got 0" in bad.stderr
