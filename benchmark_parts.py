@@ -202,6 +202,18 @@ def raw_batched_case(model: MLPWorldModel, n: int, actions: np.ndarray, seed: in
     return Case("raw", run, n)
 
 
+def restart_rows(model: MLPWorldModel, streams: np.ndarray, rows: np.ndarray, obs: np.ndarray, state) -> None:
+    """The floor's autoreset: each row's next seed from its stream (advanced in place), the model's batched reset of
+    those rows, written into ``obs`` and the ``state`` tensor in place."""
+    seeds = []
+    for row in rows.tolist():
+        streams[row], row_seed = stream_next(int(streams[row]))
+        seeds.append(row_seed)
+    fresh = mlp_reset_batched(model, seed=np.array(seeds, dtype=np.int64))
+    obs[rows] = fresh["observation"].numpy()
+    state.numpy()[rows] = fresh["state"].numpy()
+
+
 def floor_case(model: MLPWorldModel, n: int, actions: np.ndarray, seed: int, max_episode_steps: int) -> Case:
     """`floor`: the least a batched env must add to the raw step, written inline for this model only: one action
     check, fresh copies of the observations, rewards and flags, step counters and the time limit, the finished rows
@@ -227,13 +239,7 @@ def floor_case(model: MLPWorldModel, n: int, actions: np.ndarray, seed: int, max
             steps += 1
             if len(rows):
                 reward[done], terminated[done], steps[done] = 0.0, False, 0
-                seeds = []
-                for row in rows.tolist():
-                    carry["streams"][row], row_seed = stream_next(int(carry["streams"][row]))
-                    seeds.append(row_seed)
-                fresh = mlp_reset_batched(model, seed=np.array(seeds, dtype=np.int64))
-                obs[rows] = fresh["observation"].numpy()
-                state.numpy()[rows] = fresh["state"].numpy()
+                restart_rows(model, carry["streams"], rows, obs, state)
             done = terminated | (steps >= max_episode_steps)
             if not math.isfinite(float(np.add.reduce(reward)) + float(np.add.reduce(obs, axis=None))):
                 raise ValueError("floor_case: non-finite step")

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmark_parts import (Case, MLPWorldModel, measure, mlp_action_transform_batched,  # noqa: E402
-                             mlp_reset_batched, mlp_transition_batched, raw_batched_case)
-from seed_stream import stream_next, stream_starts  # noqa: E402
+                             mlp_reset_batched, mlp_transition_batched, raw_batched_case, restart_rows)
+from seed_stream import stream_starts  # noqa: E402
 
 PARTS = ("check", "copies", "resets", "finite")
 
@@ -50,13 +50,7 @@ def floor_variant(model: MLPWorldModel, n: int, actions: np.ndarray, seed: int, 
             if len(rows):
                 reward[done], terminated[done], steps[done] = 0.0, False, 0
                 if resets:
-                    seeds = []
-                    for row in rows.tolist():
-                        carry["streams"][row], row_seed = stream_next(int(carry["streams"][row]))
-                        seeds.append(row_seed)
-                    fresh = mlp_reset_batched(model, seed=np.array(seeds, dtype=np.int64))
-                    obs[rows] = fresh["observation"].numpy()
-                    state.numpy()[rows] = fresh["state"].numpy()
+                    restart_rows(model, carry["streams"], rows, obs, state)
                 else:
                     obs[rows] = start[rows]
                     state.numpy()[rows] = start[rows]
