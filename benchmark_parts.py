@@ -202,52 +202,58 @@ def raw_batched_case(model: MLPWorldModel, n: int, actions: np.ndarray, seed: in
     return Case("raw", run, n)
 
 
-def restart_rows(model: MLPWorldModel, streams: np.ndarray, rows: np.ndarray, obs: np.ndarray, state) -> None:
-    """The floor's autoreset: each row's next seed from its stream (advanced in place), the model's batched reset of
-    those rows, written into ``obs`` and the ``state`` tensor in place."""
-    seeds = []
-    for row in rows.tolist():
-        streams[row], row_seed = stream_next(int(streams[row]))
-        seeds.append(row_seed)
-    fresh = mlp_reset_batched(model, seed=np.array(seeds, dtype=np.int64))
-    obs[rows] = fresh["observation"].numpy()
-    state.numpy()[rows] = fresh["state"].numpy()
+FLOOR_PARTS = ("check", "copies", "resets", "finite")
 
 
-def floor_case(model: MLPWorldModel, n: int, actions: np.ndarray, seed: int, max_episode_steps: int) -> Case:
+def floor_case(model: MLPWorldModel, n: int, actions: np.ndarray, seed: int, max_episode_steps: int,
+               without: tuple[str, ...] = ()) -> Case:
     """`floor`: the least a batched env must add to the raw step, written inline for this model only: one action
     check, fresh copies of the observations, rewards and flags, step counters and the time limit, the finished rows
     restarted (NEXT_STEP, seeds from their streams, their transition cleared), one finiteness check. No adapter
     validation, no pytrees, no function layers. `vec_numpy` / `floor` is what the env's generality costs;
     `floor` / `raw` is the most any env could reach on this machine (the extra NumPy calls run right after the
-    model's matmuls, with cold caches, and cost several times their warm time)."""
+    model's matmuls, with cold caches, and cost several times their warm time).
+
+    ``without`` leaves parts of FLOOR_PARTS out, for examples/floor_breakdown.py: "resets" left out restarts the
+    finished rows from fixed start states (no seed streams, no reset_fn call), so the episodes stay bounded."""
     state = mlp_reset_batched(model, seed=np.arange(seed, seed + n, dtype=np.int64))["state"]
+    start = state.numpy().copy()
     carry = {"state": state, "steps": np.zeros(n, np.int64), "rows": np.zeros(0, np.int64), "done": None,
              "streams": stream_starts(np.arange(seed, seed + n, dtype=np.int64))}
+    check, copies, resets, finite = (part not in without for part in FLOOR_PARTS)
 
     @torch.no_grad()
     def run(iters: int) -> None:
         for _ in range(iters):
-            if int(np.maximum.reduce(actions.view(np.uint64), axis=None)) >= model.num_actions:
+            if check and int(np.maximum.reduce(actions.view(np.uint64), axis=None)) >= model.num_actions:
                 raise ValueError("floor_case: action out of range")
             out = mlp_transition_batched(model, carry["state"], mlp_action_transform_batched(model, actions))
             state = out["state"]
-            obs = out["observation"].numpy().astype(np.float32)
-            reward = out["reward"].numpy().astype(np.float32)
-            terminated = out["terminated"].numpy().copy()
+            obs, reward, terminated = out["observation"].numpy(), out["reward"].numpy(), out["terminated"].numpy()
+            if copies:
+                obs, reward, terminated = obs.astype(np.float32), reward.astype(np.float32), terminated.copy()
             steps, rows, done = carry["steps"], carry["rows"], carry["done"]
             steps += 1
             if len(rows):
                 reward[done], terminated[done], steps[done] = 0.0, False, 0
-                restart_rows(model, carry["streams"], rows, obs, state)
+                if resets:
+                    seeds = []
+                    for row in rows.tolist():
+                        carry["streams"][row], row_seed = stream_next(int(carry["streams"][row]))
+                        seeds.append(row_seed)
+                    fresh = mlp_reset_batched(model, seed=np.array(seeds, dtype=np.int64))
+                    obs[rows], state.numpy()[rows] = fresh["observation"].numpy(), fresh["state"].numpy()
+                else:
+                    obs[rows], state.numpy()[rows] = start[rows], start[rows]
             done = terminated | (steps >= max_episode_steps)
-            if not math.isfinite(float(np.add.reduce(reward)) + float(np.add.reduce(obs, axis=None))):
+            if finite and not math.isfinite(float(np.add.reduce(reward)) + float(np.add.reduce(obs, axis=None))):
                 raise ValueError("floor_case: non-finite step")
             carry["state"], carry["obs"], carry["done"] = state, obs, done
             carry["rows"] = done.nonzero()[0]
 
     run.carry = carry  # the tests compare it with WorldModelVectorEnv's trajectory
-    return Case("floor", run, n)
+    name = "floor" if not without else "none" if set(without) >= set(FLOOR_PARTS) else "no_" + "_".join(without)
+    return Case(name, run, n)
 
 
 def vector_case(name: str, envs, actions, seed: int) -> Case:

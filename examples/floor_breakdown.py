@@ -10,7 +10,6 @@ restart from fixed start states instead, so the episodes stay bounded), `finite`
 `none` leaves out all four: counters, time limit, done flags and row indices remain.
 """
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -19,50 +18,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmark_parts import (Case, MLPWorldModel, measure, mlp_action_transform_batched,  # noqa: E402
-                             mlp_reset_batched, mlp_transition_batched, raw_batched_case, restart_rows)
-from seed_stream import stream_starts  # noqa: E402
+from benchmark_parts import FLOOR_PARTS, Case, MLPWorldModel, floor_case, measure, raw_batched_case  # noqa: E402
 
-PARTS = ("check", "copies", "resets", "finite")
+PARTS = FLOOR_PARTS
 
 
 def floor_variant(model: MLPWorldModel, n: int, actions: np.ndarray, seed: int, max_episode_steps: int,
                   without: tuple[str, ...] = ()) -> Case:
-    """benchmark_parts.floor_case with the parts in ``without`` left out (with none left out, the same steps)."""
-    state = mlp_reset_batched(model, seed=np.arange(seed, seed + n, dtype=np.int64))["state"]
-    start = state.numpy().copy()
-    carry = {"state": state, "steps": np.zeros(n, np.int64), "rows": np.zeros(0, np.int64), "done": None,
-             "streams": stream_starts(np.arange(seed, seed + n, dtype=np.int64))}
-    check, copies, resets, finite = (part not in without for part in PARTS)
-
-    @torch.no_grad()
-    def run(iters: int) -> None:
-        for _ in range(iters):
-            if check and int(np.maximum.reduce(actions.view(np.uint64), axis=None)) >= model.num_actions:
-                raise ValueError("floor_breakdown: action out of range")
-            out = mlp_transition_batched(model, carry["state"], mlp_action_transform_batched(model, actions))
-            state = out["state"]
-            obs, reward, terminated = (out[k].numpy() for k in ("observation", "reward", "terminated"))
-            if copies:
-                obs, reward, terminated = obs.astype(np.float32), reward.astype(np.float32), terminated.copy()
-            steps, rows, done = carry["steps"], carry["rows"], carry["done"]
-            steps += 1
-            if len(rows):
-                reward[done], terminated[done], steps[done] = 0.0, False, 0
-                if resets:
-                    restart_rows(model, carry["streams"], rows, obs, state)
-                else:
-                    obs[rows] = start[rows]
-                    state.numpy()[rows] = start[rows]
-            done = terminated | (steps >= max_episode_steps)
-            if finite and not math.isfinite(float(np.add.reduce(reward)) + float(np.add.reduce(obs, axis=None))):
-                raise ValueError("floor_breakdown: non-finite step")
-            carry["state"], carry["obs"], carry["done"] = state, obs, done
-            carry["rows"] = done.nonzero()[0]
-
-    run.carry = carry
-    name = "floor" if not without else ("none" if len(without) == len(PARTS) else "no_" + "_".join(without))
-    return Case(name, run, n)
+    """benchmark_parts.floor_case with the parts in ``without`` left out (with none left out, the floor itself)."""
+    return floor_case(model, n, actions, seed, max_episode_steps, without)
 
 
 def breakdown(num_envs: int = 256, repeats: int = 15, min_time: float = 0.2, seed: int = 1,
