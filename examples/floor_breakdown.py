@@ -18,15 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmark_parts import FLOOR_PARTS, Case, MLPWorldModel, floor_case, measure, raw_batched_case  # noqa: E402
-
-PARTS = FLOOR_PARTS
-
-
-def floor_variant(model: MLPWorldModel, n: int, actions: np.ndarray, seed: int, max_episode_steps: int,
-                  without: tuple[str, ...] = ()) -> Case:
-    """benchmark_parts.floor_case with the parts in ``without`` left out (with none left out, the floor itself)."""
-    return floor_case(model, n, actions, seed, max_episode_steps, without)
+from benchmark_parts import FLOOR_PARTS, MLPWorldModel, floor_case, measure, raw_batched_case  # noqa: E402
 
 
 def breakdown(num_envs: int = 256, repeats: int = 15, min_time: float = 0.2, seed: int = 1,
@@ -35,10 +27,10 @@ def breakdown(num_envs: int = 256, repeats: int = 15, min_time: float = 0.2, see
     torch.set_num_threads(1)
     model = MLPWorldModel()
     actions = np.random.default_rng(seed).integers(0, model.num_actions, num_envs)
-    cases = [raw_batched_case(model, num_envs, actions, seed),
-             floor_variant(model, num_envs, actions, seed, max_episode_steps)]
-    cases += [floor_variant(model, num_envs, actions, seed, max_episode_steps, (part,)) for part in PARTS]
-    cases += [floor_variant(model, num_envs, actions, seed, max_episode_steps, PARTS)]
+    # the floor, each part left out alone, then all of them (floor_case names each variant)
+    variants = [()] + [(part,) for part in FLOOR_PARTS] + [FLOOR_PARTS]
+    cases = [raw_batched_case(model, num_envs, actions, seed)]
+    cases += [floor_case(model, num_envs, actions, seed, max_episode_steps, without) for without in variants]
     rates = measure(cases, repeats, min_time)
     raw = rates["raw"]
     return {name: {"steps_per_s": statistics.median(r),

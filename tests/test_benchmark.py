@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import benchmark  # noqa: E402
+import benchmark_parts  # noqa: E402
 
 HEADLINE_KEYS = ("batched_vs_raw_256", "batched_vs_sync_256", "single_vs_raw_toy", "reset_65536_s",
                  "rssm_env_vs_raw_256")
@@ -128,26 +129,16 @@ def test_floor_case_steps_like_the_vector_env():
     assert restarted >= n  # every row ended at least once: the autoreset path ran
 
 
-def test_floor_breakdown_variant_with_every_part_is_the_floor():
-    """examples/floor_breakdown.py times the floor with parts left out; with none left out it must be the floor
-    itself (the same observations, states and done flags as benchmark.floor_case), and each part left out must
-    still restart the finished rows (bounded episodes)."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import floor_breakdown
-
+def test_floor_with_parts_left_out_still_restarts_rows():
+    """examples/floor_breakdown.py times benchmark.floor_case with parts left out (`without`); each variant must
+    still restart the finished rows (bounded episodes, finite observations), and with nothing left out it is the
+    floor (test_floor_case_steps_like_the_vector_env)."""
     model = benchmark.MLPWorldModel(seed=0)
     n, limit = 64, 20
     actions = np.random.default_rng(0).integers(0, model.num_actions, size=n, dtype=np.int64)
-    floor = benchmark.floor_case(model, n, actions, seed=3, max_episode_steps=limit)
-    same = floor_breakdown.floor_variant(model, n, actions, seed=3, max_episode_steps=limit)
-    for _ in range(3 * limit):
-        floor.run(1)
-        same.run(1)
-        for key in ("obs", "done", "steps"):
-            np.testing.assert_array_equal(same.run.carry[key], floor.run.carry[key])
-        np.testing.assert_array_equal(same.run.carry["state"].numpy(), floor.run.carry["state"].numpy())
-    for without in [(part,) for part in floor_breakdown.PARTS] + [floor_breakdown.PARTS]:
-        case = floor_breakdown.floor_variant(model, n, actions, seed=3, max_episode_steps=limit, without=without)
+    parts = benchmark_parts.FLOOR_PARTS
+    for without in [(part,) for part in parts] + [parts]:
+        case = benchmark.floor_case(model, n, actions, seed=3, max_episode_steps=limit, without=without)
         case.run(3 * limit)
         assert case.run.carry["steps"].max() <= limit and np.isfinite(case.run.carry["obs"]).all(), case.name
 
